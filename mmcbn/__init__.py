@@ -1,0 +1,25 @@
+# Copyright (c) mmcbn contributors. All rights reserved.
+"""mmcbn: Cross-Iteration Batch Normalization for the OpenMMLab 2.x stack.
+
+Importing mmcbn registers ``CBN``/``CBN1d``/``CBN2d``/``CBN3d`` in mmengine's
+root ``MODELS`` registry and ``CBNHook`` in its root ``HOOKS`` registry, and
+allow-lists mmengine's checkpoint contents for torch's weights-only loader.
+"""
+from .binding import check_autograd_introspection, find_producer
+from .cbn import CBN, CBN1d, CBN2d, CBN3d
+from .checkpoint import load_checkpoint_file, register_safe_globals
+from .control import (binding_report, binding_summary, cbn_layers,
+                      name_cbn_layers, set_cbn_epoch_length,
+                      set_cbn_iteration)
+from .hooks import CBNHook
+from .version import __version__
+
+register_safe_globals()
+
+__all__ = [
+    'CBN', 'CBN1d', 'CBN2d', 'CBN3d', 'CBNHook', 'set_cbn_iteration',
+    'set_cbn_epoch_length', 'cbn_layers', 'name_cbn_layers',
+    'binding_report', 'binding_summary', 'find_producer',
+    'check_autograd_introspection', 'load_checkpoint_file',
+    'register_safe_globals', '__version__'
+]

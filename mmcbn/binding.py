@@ -1,0 +1,292 @@
+# Copyright (c) mmcbn contributors. All rights reserved.
+"""Find the layer that produced a CBN input, and its statistic gradients.
+
+Stock mmdet/mmseg code only calls ``norm(x)``, so CBN finds its producer
+itself: during training ``x.grad_fn`` is the producer's backward node, which
+holds the producer's saved input, its convolution arguments and, through its
+``AccumulateGrad`` node, the weight parameter. This needs no hooks and no
+model changes. It relies on autograd node names and ``_saved_*`` attributes,
+which :func:`check_autograd_introspection` verifies for the running torch.
+
+With the producer's input patches ``p_i`` (im2col columns) and
+``x_ij = W_j . p_i + b_j`` over the ``m`` positions ``i``, the closed forms
+are (method document, Appendix B)::
+
+    d mean_j / d W_j = mean_i p_i            (shared by all channels j)
+    d nu_j   / d W_j = (2/m) sum_i x_ij p_i  (a conv weight gradient)
+    d mean_j / d b_j = 1,   d nu_j / d b_j = 2 mean_j
+"""
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+#: Autograd nodes between a parameter and the op that uses it: the cast
+#: autocast inserts and the transpose inside ``F.linear``.
+_PASS_THROUGH = ('ToCopyBackward0', 'TBackward0')
+_NOT_A_LEAF = object()
+
+
+@dataclass
+class Producer:
+    """A convolution or linear layer whose output a CBN layer normalizes.
+
+    ``weight``/``bias`` hold the current values (detached) of the trainable
+    parts, or None where the part is absent or frozen. Frozen parts do not
+    change between iterations, so they need no compensation.
+    """
+
+    kind: str
+    description: str
+    key: tuple
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    node: object = field(repr=False)
+    groups: int = 1
+    stride: Tuple[int, ...] = ()
+    padding: Tuple[int, ...] = ()
+    dilation: Tuple[int, ...] = ()
+
+    @property
+    def trainable(self) -> bool:
+        return self.weight is not None or self.bias is not None
+
+    def _input(self, dtype: torch.dtype) -> Tensor:
+        name = '_saved_input' if self.kind == 'conv' else (
+            '_saved_mat1' if hasattr(self.node, '_saved_mat1') else
+            '_saved_self')
+        return getattr(self.node, name).detach().to(dtype)
+
+    def patch_mean(self, x: Tensor) -> Tensor:
+        """``d mean / d W``: the mean input patch, shape (groups, L).
+
+        ``L`` is ``C_in / groups * prod(kernel)``; output channel ``j`` of
+        group ``g`` uses row ``g``.
+        """
+        dtype = x.dtype
+        inp = self._input(dtype)
+        if self.kind == 'linear':
+            return inp.mean(0, keepdim=True)
+        m = x.numel() // x.shape[1]
+        # The patch mean is linear in the input: sum the batch first.
+        inp = inp.sum(0, keepdim=True)
+        kernel = self.weight.shape[2:]
+        per_group = inp.shape[1] // self.groups
+        grad_out = x.new_full((), 1.0 / m).expand(
+            (1, self.groups) + tuple(x.shape[2:]))
+        pbar = _conv_weight_grad(grad_out.contiguous(), inp,
+                                 (self.groups, per_group) + tuple(kernel),
+                                 self)
+        return pbar.reshape(self.groups, -1)
+
+    def moment_weight_grad(self, x: Tensor) -> Tensor:
+        """``d nu / d W``: shape (C_out, L), ``L`` as in :meth:`patch_mean`.
+
+        This product is CBN's only cost that BatchNorm does not have.
+        """
+        dtype = x.dtype
+        inp = self._input(dtype)
+        m = x.numel() // x.shape[1]
+        if self.kind == 'linear':
+            return torch.mm(x.t(), inp).mul_(2.0 / m)
+        grad = _conv_weight_grad(x * (2.0 / m), inp, self.weight.shape, self)
+        return grad.reshape(grad.shape[0], -1)
+
+
+def _conv_weight_grad(grad_out: Tensor, inp: Tensor, weight_shape,
+                      prod: Producer) -> Tensor:
+    dummy = grad_out.new_empty(1).expand(tuple(weight_shape))
+    nd = inp.dim() - 2
+    return torch.ops.aten.convolution_backward(
+        grad_out, inp, dummy, None, list(prod.stride), list(prod.padding),
+        list(prod.dilation), False, [0] * nd, prod.groups,
+        [False, True, False])[1]
+
+
+@dataclass
+class Binding:
+    """What a CBN call found behind its input.
+
+    ``status`` is ``'bound'`` (a trainable producer: compensate),
+    ``'frozen'`` (a producer with no trainable parameter: the window is exact
+    without compensation) or ``'unbound'`` (no usable producer: fall back to
+    a window of 1, that is BatchNorm).
+    """
+
+    status: str
+    producer: Optional[Producer] = None
+    reason: str = ''
+
+    @property
+    def description(self) -> str:
+        if self.producer is not None:
+            return self.producer.description
+        return self.reason
+
+    @property
+    def key(self) -> tuple:
+        """Identity of the producer, to tell whether history applies."""
+        return self.producer.key if self.producer is not None else (
+            'constant', )
+
+
+def _resolve_leaf(node):
+    """The parameter behind ``node``; None if no gradient flows (frozen)."""
+    while node is not None:
+        name = type(node).__name__
+        if name == 'AccumulateGrad':
+            return node.variable
+        if name in _PASS_THROUGH and len(node.next_functions) == 1:
+            node = node.next_functions[0][0]
+            continue
+        return _NOT_A_LEAF
+    return None
+
+
+def _conv_binding(node) -> Binding:
+    if node._saved_transposed:
+        return Binding('unbound', reason='a transposed convolution')
+    weight = _resolve_leaf(node.next_functions[1][0])
+    has_bias = node._saved_bias_sym_sizes_opt is not None
+    bias = _resolve_leaf(node.next_functions[2][0]) if has_bias else None
+    if bias is _NOT_A_LEAF:
+        return Binding(
+            'unbound', reason='a convolution whose bias is computed, not a '
+            'parameter')
+    weight_id = id(weight)
+    if weight is _NOT_A_LEAF:
+        # An effective weight (e.g. weight standardization): the output is
+        # still linear in it, so compensate with respect to its value.
+        weight = node._saved_weight.detach()
+        weight_id = None
+    saved_w = node._saved_weight
+    nd = saved_w.dim() - 2
+    c_out, c_in_g = saved_w.shape[:2]
+    groups = node._saved_groups
+    kernel = 'x'.join(str(s) for s in saved_w.shape[2:])
+    desc = (f'Conv{nd}d({c_in_g * groups}->{c_out}, k={kernel}, '
+            f's={tuple(node._saved_stride)}, d={tuple(node._saved_dilation)}'
+            f', g={groups}, bias={has_bias})')
+    key = ('conv', weight_id, tuple(saved_w.shape), id(bias), has_bias,
+           tuple(node._saved_stride), tuple(node._saved_padding),
+           tuple(node._saved_dilation), groups)
+    producer = Producer(
+        kind='conv',
+        description=desc,
+        key=key,
+        weight=None if weight is None else weight.detach(),
+        bias=None if bias is None else bias.detach(),
+        node=node,
+        groups=groups,
+        stride=tuple(node._saved_stride),
+        padding=tuple(node._saved_padding),
+        dilation=tuple(node._saved_dilation))
+    return Binding('bound' if producer.trainable else 'frozen', producer)
+
+
+def _linear_binding(node) -> Binding:
+    name = type(node).__name__
+    if name == 'AddmmBackward0':
+        if node._saved_alpha != 1 or node._saved_beta != 1:
+            return Binding('unbound', reason='an addmm with alpha/beta != 1')
+        bias_node, weight_node = node.next_functions[0][0], \
+            node.next_functions[2][0]
+        has_bias = True
+        c_out = node._saved_mat2_sym_sizes[1]
+        c_in = node._saved_mat2_sym_sizes[0]
+    else:
+        bias_node, weight_node = None, node.next_functions[1][0]
+        has_bias = False
+        c_in, c_out = node._saved_mat2_sym_sizes
+    # F.linear multiplies by W.t(): the weight sits behind a transpose.
+    through_t = weight_node is None or any(
+        type(n).__name__ == 'TBackward0' for n in _chain(weight_node))
+    weight = _resolve_leaf(weight_node)
+    bias = _resolve_leaf(bias_node) if has_bias else None
+    if weight is _NOT_A_LEAF or bias is _NOT_A_LEAF or not through_t:
+        return Binding(
+            'unbound', reason='a matrix product that is not nn.Linear')
+    desc = f'Linear({c_in}->{c_out}, bias={has_bias})'
+    key = ('linear', id(weight), (c_out, c_in), id(bias), has_bias)
+    producer = Producer(
+        kind='linear',
+        description=desc,
+        key=key,
+        weight=None if weight is None else weight.detach(),
+        bias=None if bias is None else bias.detach(),
+        node=node)
+    return Binding('bound' if producer.trainable else 'frozen', producer)
+
+
+def _chain(node):
+    while node is not None:
+        yield node
+        nxt = node.next_functions
+        node = nxt[0][0] if len(nxt) == 1 else None
+
+
+def find_producer(x: Tensor) -> Binding:
+    """Inspect the autograd graph of a CBN input for the layer behind it.
+
+    Args:
+        x (Tensor): The input of a CBN layer in training mode.
+
+    Returns:
+        Binding: The producer and its status, or why none was found.
+    """
+    node = x.grad_fn
+    if node is None:
+        if torch.is_grad_enabled() and not x.requires_grad:
+            # Grad mode is on, yet x needs no grad: x depends on no
+            # trainable parameter (raw data, or frozen layers all the way
+            # back), so its past statistics are exact as recorded.
+            return Binding('frozen', reason='an input that depends on no '
+                           'trainable parameter')
+        return Binding(
+            'unbound',
+            reason='its input has no autograd history (grad mode is off, '
+            'e.g. torch.no_grad or reentrant activation checkpointing)')
+    name = type(node).__name__
+    if name == 'ConvolutionBackward0':
+        return _conv_binding(node)
+    if name in ('AddmmBackward0', 'MmBackward0') and x.dim() == 2:
+        return _linear_binding(node)
+    return Binding(
+        'unbound',
+        reason=f'its input comes from {name}, not from a convolution or '
+        'linear layer')
+
+
+def check_autograd_introspection() -> None:
+    """Verify that this torch exposes what :func:`find_producer` reads.
+
+    Raises:
+        RuntimeError: If the autograd graph of a conv or linear layer no
+            longer looks the way mmcbn expects (a torch upgrade changed it).
+    """
+    conv = torch.nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=True)
+    lin = torch.nn.Linear(4, 3)
+    checks = (
+        (conv(torch.randn(2, 2, 5, 5)), conv, 'conv'),
+        (lin(torch.randn(2, 4)), lin, 'linear'),
+    )
+    for out, module, kind in checks:
+        try:
+            binding = find_producer(out)
+            ok = (binding.status == 'bound'
+                  and binding.producer.kind == kind
+                  and binding.producer.weight.data_ptr() ==
+                  module.weight.data_ptr()
+                  and binding.producer.bias.data_ptr() ==
+                  module.bias.data_ptr())
+            binding.producer._input(torch.float32)
+        except (AttributeError, IndexError, TypeError) as err:
+            raise RuntimeError(
+                f'mmcbn cannot read the autograd graph of torch '
+                f'{torch.__version__}: {err!r}. CBN layers would not find '
+                'their producers; please report this torch version.') from err
+        if not ok:
+            raise RuntimeError(
+                f'mmcbn found an unexpected autograd graph for a {kind} layer '
+                f'on torch {torch.__version__} ({binding}).')

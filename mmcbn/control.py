@@ -1,0 +1,121 @@
+# Copyright (c) mmcbn contributors. All rights reserved.
+"""Helpers to drive the CBN layers of a model from a training loop.
+
+:class:`mmcbn.CBNHook` calls these for mmengine runners; custom loops call
+them directly::
+
+    for it, batch in enumerate(loader):
+        set_cbn_iteration(model, it)
+        loss = model(batch)
+        ...
+"""
+from collections import Counter
+from typing import Dict, Iterator, List, Tuple
+
+from torch import nn
+
+from .cbn import CBN_LAYERS
+
+
+def cbn_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """Yield ``(name, layer)`` for every CBN layer of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, CBN_LAYERS):
+            yield name, module
+
+
+def name_cbn_layers(model: nn.Module) -> int:
+    """Give every CBN layer its name in ``model`` (used in messages).
+
+    Returns:
+        int: The number of CBN layers.
+    """
+    count = 0
+    for name, layer in cbn_layers(model):
+        layer.cbn_name = name or type(layer).__name__
+        count += 1
+    return count
+
+
+def set_cbn_iteration(model: nn.Module, iteration: int) -> None:
+    """Tell every CBN layer of ``model`` that ``iteration`` begins.
+
+    Call it before the forward of each training iteration (0-based, the
+    same counter on resume). Calls of a layer until the next
+    ``set_cbn_iteration`` count as call positions of one iteration.
+    """
+    for _, layer in cbn_layers(model):
+        layer.start_iteration(iteration)
+
+
+def set_cbn_epoch_length(model: nn.Module, iters_per_epoch: int) -> None:
+    """Set the epoch length used to convert ``burnin`` given in epochs."""
+    if isinstance(iters_per_epoch, bool) or not isinstance(
+            iters_per_epoch, int) or iters_per_epoch < 1:
+        raise ValueError('iters_per_epoch must be an integer >= 1, got '
+                         f'{iters_per_epoch!r}')
+    for _, layer in cbn_layers(model):
+        layer.iters_per_epoch = iters_per_epoch
+
+
+def binding_report(model: nn.Module) -> Dict[str, List[str]]:
+    """What each CBN layer was bound to in its last training forward.
+
+    Returns:
+        dict: Layer name -> one entry per call position: the producing
+        module's name (or its description) for a bound layer,
+        ``'frozen: ...'``, ``'unbound: <reason>'``, or ``'not run'`` for a
+        position never run in training mode.
+    """
+    param_owner = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, 'weight', None)
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and \
+                isinstance(weight, nn.Parameter):
+            param_owner[id(weight)] = name
+    report = {}
+    for name, layer in cbn_layers(model):
+        entries = []
+        for binding in layer.bindings or [None]:
+            if binding is None:
+                entries.append('not run')
+            elif binding.status == 'unbound':
+                entries.append(f'unbound: {binding.reason}')
+            else:
+                prod = binding.producer
+                owner = binding.reason if prod is None else param_owner.get(
+                    prod.key[1], prod.description)
+                prefix = 'frozen: ' if binding.status == 'frozen' else ''
+                entries.append(prefix + owner)
+        report[name] = entries
+    return report
+
+
+def binding_summary(model: nn.Module) -> str:
+    """One line on how the CBN layers of ``model`` were bound."""
+    status = Counter()
+    kinds = Counter()
+    fallbacks = []
+    for name, layer in cbn_layers(model):
+        seen = [b for b in layer.bindings if b is not None]
+        if not layer.training or not seen:
+            status['not run in training mode'] += 1
+            continue
+        unbound = [b for b in seen if b.status == 'unbound']
+        if unbound:
+            status['fell back to BN'] += 1
+            fallbacks.append(f'{name} ({unbound[0].reason})')
+            continue
+        frozen = all(b.status == 'frozen' for b in seen)
+        status['frozen producer' if frozen else 'bound'] += 1
+        for b in seen:
+            kinds[b.description.split('(')[0]] += 1
+    total = sum(status.values())
+    parts = [f'{n} {what}' for what, n in status.items()]
+    line = f'CBN: {total} layers: ' + ', '.join(parts)
+    if kinds:
+        line += ' | producers: ' + ', '.join(
+            f'{k} x{n}' for k, n in sorted(kinds.items()))
+    if fallbacks:
+        line += ' | fell back: ' + '; '.join(fallbacks)
+    return line
