@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from mmengine.registry import MODELS
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .binding import Binding, find_producer
 from .functional import batch_statistics, cross_iteration_norm, stats_dtype
@@ -277,7 +278,7 @@ class _CrossIterationBatchNorm:
                 f'burnin={self.burnin}{unit}, compensate={self.compensate}')
 
 
-class CBN1d(_CrossIterationBatchNorm, nn.BatchNorm1d):
+class CBN1d(_CrossIterationBatchNorm, nn.BatchNorm1d, _BatchNorm):
     """CBN for (N, C) or (N, C, L) inputs, e.g. after ``nn.Linear``.
 
     Registered as ``CBN1d``. See :class:`_CrossIterationBatchNorm` for the
@@ -287,7 +288,7 @@ class CBN1d(_CrossIterationBatchNorm, nn.BatchNorm1d):
     _spatial_dims = 1
 
 
-class CBN2d(_CrossIterationBatchNorm, nn.BatchNorm2d):
+class CBN2d(_CrossIterationBatchNorm, nn.BatchNorm2d, _BatchNorm):
     """Cross-Iteration Batch Normalization for (N, C, H, W) inputs.
 
     Registered as ``CBN`` and ``CBN2d``: ``norm_cfg=dict(type='CBN',
@@ -298,11 +299,15 @@ class CBN2d(_CrossIterationBatchNorm, nn.BatchNorm2d):
     _spatial_dims = 2
 
 
-class CBN3d(_CrossIterationBatchNorm, nn.BatchNorm3d):
+class CBN3d(_CrossIterationBatchNorm, nn.BatchNorm3d, _BatchNorm):
     """CBN for (N, C, D, H, W) inputs. Registered as ``CBN3d``."""
 
     _spatial_dims = 3
 
+
+# ``_BatchNorm`` is also listed as a direct base above (redundant for Python's
+# MRO) because mmengine's init configs match ``layer=['_BatchNorm', ...]``
+# against the direct bases' names only.
 
 CBN = CBN2d
 CBN_LAYERS = (CBN1d, CBN2d, CBN3d)

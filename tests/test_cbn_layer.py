@@ -1,0 +1,318 @@
+# Copyright (c) mmcbn contributors. All rights reserved.
+"""Behaviour of the CBN layer itself: BN equivalence, interop, errors."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mmcv.cnn import build_norm_layer
+from mmengine.registry import DefaultScope
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmcbn import (CBN, CBN1d, CBN2d, CBN3d, binding_report,
+                   check_autograd_introspection, set_cbn_iteration)
+from mmcbn.binding import find_producer
+
+
+def conv_cbn(window=4, burnin=0, seed=0, **kw):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), CBN2d(8, window=window,
+                                             burnin=burnin, **kw))
+
+
+def conv_bn(model):
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+    bn.load_state_dict(model.state_dict())
+    return bn
+
+
+def sgd_steps(model, steps, seed=1, lr=0.1):
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    outs, grads = [], []
+    for _ in range(steps):
+        x = torch.randn(2, 3, 6, 6, generator=gen) * 2 + 1
+        y = model(x)
+        loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + (
+            y**4).mean()
+        opt.zero_grad()
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+        outs.append(y.detach())
+    return outs, grads
+
+
+@pytest.mark.parametrize('window,burnin', [(1, 0), (4, 6)])
+def test_window_one_and_burnin_are_batchnorm(window, burnin):
+    """window=1 always, and any window during burn-in, is nn.BatchNorm2d."""
+    cbn = conv_cbn(window, burnin)
+    bn = conv_bn(cbn)
+    steps = 6  # all inside burn-in for the second case
+    out_c, grad_c = sgd_steps(cbn, steps)
+    out_b, grad_b = sgd_steps(bn, steps)
+    for a, b in zip(out_c, out_b):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for ga, gb in zip(grad_c, grad_b):
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name in ('running_mean', 'running_var', 'num_batches_tracked'):
+        torch.testing.assert_close(
+            getattr(cbn[1], name), getattr(bn[1], name), rtol=1e-5,
+            atol=1e-6)
+
+
+def test_window_starts_right_after_burnin():
+    cbn = conv_cbn(window=4, burnin=3)
+    sgd_steps(cbn, 3)
+    layer = cbn[1]
+    assert layer.window_at(2) == 1 and layer.window_at(3) == 4
+    # statistics were recorded during burn-in: the window is full at once
+    state = layer._windows[0]
+    assert sorted(state.iterations) == [0, 1, 2]
+    assert state.compensated(3, 4, layer.bindings[0].key,
+                             cbn[0].weight.detach(),
+                             cbn[0].bias.detach())[0].shape == (3, 8)
+
+
+def test_eval_mode_is_batchnorm_with_same_buffers():
+    cbn = conv_cbn(window=4)
+    sgd_steps(cbn, 5)
+    bn = conv_bn(cbn)
+    cbn.eval(), bn.eval()
+    x = torch.randn(3, 3, 7, 7)
+    torch.testing.assert_close(cbn(x), bn(x), rtol=0, atol=0)
+
+
+def test_state_dict_interoperates_with_batchnorm():
+    cbn = conv_cbn(window=4)
+    sgd_steps(cbn, 3)
+    bn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+    assert set(cbn.state_dict()) == set(bn.state_dict())
+    bn.load_state_dict(cbn.state_dict())  # strict: no missing/extra keys
+    back = conv_cbn(window=8, seed=5)
+    back.load_state_dict(bn.state_dict())
+    for k, v in bn.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v)
+
+
+def test_counts_as_batchnorm_everywhere():
+    layer = CBN(4)
+    assert isinstance(layer, _BatchNorm) and isinstance(layer, nn.BatchNorm2d)
+    assert isinstance(CBN1d(4), nn.BatchNorm1d)
+    assert isinstance(CBN3d(4), nn.BatchNorm3d)
+    name, built = build_norm_layer(dict(type='CBN', window=2), 4)
+    assert name == 'bn' and isinstance(built, CBN2d)
+    assert built.window == 2
+    # mmengine's optimizer constructor and init configs see a BN
+    from mmengine.model.weight_init import _get_bases_name
+    assert '_BatchNorm' in _get_bases_name(layer)
+
+
+@pytest.mark.parametrize('scope', [None, 'mmdet', 'mmseg'])
+def test_registered_in_root_registry_for_every_scope(scope):
+    if scope is None:
+        _, layer = build_norm_layer(dict(type='CBN'), 6)
+    else:
+        import importlib
+        importlib.import_module(f'{scope}.registry')
+        with DefaultScope.overwrite_default_scope(scope):
+            from mmengine.registry import MODELS as ROOT
+            child = importlib.import_module(f'{scope}.registry').MODELS
+            assert child.parent is ROOT
+            layer = child.build(dict(type='CBN', num_features=6, window=3))
+    assert isinstance(layer, CBN2d) and layer.num_features == 6
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(window=0), 'window must be an integer >= 1, got 0'),
+    (dict(window=2.5), 'window must be an integer >= 1, got 2.5'),
+    (dict(window=True), 'window must be an integer >= 1, got True'),
+    (dict(burnin=-1), 'burnin must be an integer >= 0, got -1'),
+    (dict(burnin=-0.5, burnin_by_epoch=True), r'burnin \(epochs\)'),
+    (dict(compensate='yes'), "compensate must be True or False, got 'yes'"),
+])
+def test_bad_arguments_name_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CBN2d(4, **kwargs)
+
+
+def test_unknown_key_is_rejected_by_name():
+    with pytest.raises(TypeError, match='windw'):
+        build_norm_layer(dict(type='CBN', windw=4), 4)
+
+
+@pytest.mark.parametrize('layer,shape,match', [
+    (CBN2d(4), (2, 4, 5), r'expects a 4D input .* got a 3D input of shape '
+     r'\(2, 4, 5\)'),
+    (CBN1d(4), (2, 4, 3, 3), 'expects a 2D or 3D input'),
+    (CBN3d(4), (2, 4, 3, 3), 'expects a 5D input'),
+    (CBN2d(4), (2, 5, 3, 3), 'num_features=4 but its input has 5 channels'),
+    (CBN2d(4), (1, 4, 1, 1), 'more than 1 value per channel'),
+])
+def test_wrong_input_is_a_clear_error(layer, shape, match):
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(shape))
+
+
+def test_burnin_in_epochs_needs_the_epoch_length():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1),
+                          CBN2d(4, burnin=2, burnin_by_epoch=True))
+    with pytest.raises(RuntimeError, match='CBNHook'):
+        model(torch.randn(2, 3, 4, 4))
+    from mmcbn import set_cbn_epoch_length
+    set_cbn_epoch_length(model, 5)
+    assert model[1].burnin_iters == 10
+    model(torch.randn(2, 3, 4, 4))
+
+
+def test_unbound_layer_falls_back_to_bn_and_warns_once(mmlogs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), CBN2d(8, window=4))
+    model[2].cbn_name = 'neck.relu_bn'
+    bn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.BatchNorm2d(8))
+    bn.load_state_dict(model.state_dict())
+    for _ in range(3):
+        x = torch.randn(2, 3, 6, 6)
+        torch.testing.assert_close(model(x), bn(x))
+    warnings = [m for m in mmlogs.messages if 'neck.relu_bn' in m]
+    assert len(warnings) == 1
+    assert 'ReluBackward0' in warnings[0]
+    assert model[2].bindings[0].status == 'unbound'
+    assert binding_report(model)['2'][0].startswith('unbound:')
+
+
+def test_binding_report_names_the_producer():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), CBN2d(8, window=2))
+    model(torch.randn(2, 3, 5, 5))
+    assert binding_report(model) == {'1': ['0']}
+
+
+def test_shared_layer_keeps_one_window_per_call_position():
+    """A head shared over levels == one CBN per level (tied γ/β)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    shared = CBN2d(4, window=3)
+    per_level = [CBN2d(4, window=3) for _ in range(3)]
+    conv2 = copy.deepcopy(conv)
+    for layer in per_level[1:]:
+        layer.weight, layer.bias = per_level[0].weight, per_level[0].bias
+    params_a = list(conv.parameters()) + list(shared.parameters())
+    params_b = list(conv2.parameters()) + list(per_level[0].parameters())
+    opt_a = torch.optim.SGD(params_a, lr=0.1)
+    opt_b = torch.optim.SGD(params_b, lr=0.1)
+    gen = torch.Generator().manual_seed(3)
+    for it in range(6):
+        shared.start_iteration(it)
+        levels = [torch.randn(2, 3, s, s, generator=gen) * (lvl + 1) + lvl
+                  for lvl, s in enumerate((8, 4, 2))]
+        out_a = [shared(conv(x)) for x in levels]
+        out_b = [n(conv2(x)) for n, x in zip(per_level, levels)]
+        for a, b in zip(out_a, out_b):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for opt, outs in ((opt_a, out_a), (opt_b, out_b)):
+            opt.zero_grad()
+            sum((o**2).mean() + o.mean() for o in outs).backward()
+            opt.step()
+    assert len(shared._windows) == 3
+    assert [len(w) for w in shared._windows] == [2, 2, 2]
+
+
+def test_set_cbn_iteration_drives_burnin_and_survives_gaps():
+    model = conv_cbn(window=3, burnin=10)
+    set_cbn_iteration(model, 12)  # e.g. after a resume
+    model(torch.randn(2, 3, 6, 6))
+    assert model[1].iteration == 12
+    set_cbn_iteration(model, 20)  # entries of 12 are out of the window
+    x = torch.randn(2, 3, 6, 6)
+    ref = conv_bn(model)
+    ref[1].load_state_dict(model[1].state_dict())
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-6, atol=1e-6)
+
+
+def test_nonfinite_history_is_dropped_and_running_stats_stay_finite(mmlogs):
+    model = conv_cbn(window=3)
+    model(torch.randn(2, 3, 6, 6))
+    state = model[1]._windows[0]
+    state._buffers['a_nu'][0, 2] = float('nan')  # a corrupt entry
+    reference = conv_bn(model)
+    x = torch.randn(2, 3, 6, 6)
+    y = model(x)
+    # the only history entry was dropped: this iteration is plain BN
+    torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
+    assert any('not finite' in m for m in mmlogs.messages)
+    before = model[1].running_mean.clone()
+    bad = torch.randn(2, 3, 6, 6)
+    bad[0, 0, 0, 0] = float('inf')
+    model(bad)
+    assert any('running statistics were not updated' in m
+               for m in mmlogs.messages)
+    assert torch.isfinite(model[1].running_mean).all()
+    assert torch.isfinite(model[1].running_var).all()
+    torch.testing.assert_close(model[1].running_mean, before)
+
+
+def test_window_state_is_one_weight_per_entry():
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    layer = CBN2d(64, window=8)
+    for _ in range(10):
+        layer(conv(torch.randn(2, 64, 8, 8)))
+    weight_bytes = conv.weight.numel() * conv.weight.element_size()
+    per_entry = layer.window_state_nbytes() / 7
+    assert per_entry <= 1.05 * weight_bytes, (per_entry, weight_bytes)
+
+
+def test_bfloat16_autocast_keeps_float32_statistics():
+    model = conv_cbn(window=4)
+    for _ in range(3):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = model(torch.randn(2, 3, 6, 6))
+        assert y.dtype == torch.bfloat16
+        y.float().pow(2).mean().backward()
+    state = model[1]._windows[0]
+    assert all(b.dtype == torch.float32 for b in state._buffers.values())
+    binding = model[1].bindings[0]
+    # through autocast's cast, the fp32 parameter itself is found
+    assert binding.status == 'bound'
+    assert binding.producer.weight.dtype == torch.float32
+    assert model[1].running_var.dtype == torch.float32
+    assert torch.isfinite(model[1].running_var).all()
+
+
+def test_linear_and_conv1d_conv3d_producers_bind():
+    cases = [
+        (nn.Linear(5, 4), CBN1d(4, window=2), (3, 5)),
+        (nn.Conv1d(3, 4, 3), CBN1d(4, window=2), (2, 3, 7)),
+        (nn.Conv3d(3, 4, 2), CBN3d(4, window=2), (2, 3, 4, 4, 4)),
+    ]
+    for producer, norm, shape in cases:
+        for _ in range(2):
+            norm(producer(torch.randn(shape))).sum().backward()
+        assert norm.bindings[0].status == 'bound', norm.bindings[0]
+        assert len(norm._windows[0]) == 1
+
+
+def test_effective_weight_is_compensated_like_a_parameter():
+    """A computed weight (e.g. weight standardization) still binds."""
+    base = nn.Parameter(torch.randn(4, 3, 3, 3))
+    x = torch.randn(2, 3, 6, 6)
+    out = F.conv2d(x, base / base.norm())
+    binding = find_producer(out)
+    assert binding.status == 'bound'
+    torch.testing.assert_close(binding.producer.weight,
+                               (base / base.norm()).detach())
+
+
+def test_introspection_self_check_passes_on_this_torch():
+    check_autograd_introspection()
+
+
+def test_no_grad_training_forward_is_unbound():
+    model = conv_cbn(window=4)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 6, 6))
+    assert model[1].bindings[0].status == 'unbound'
+    assert 'grad mode is off' in model[1].bindings[0].reason
