@@ -20,10 +20,18 @@ class _Collect(logging.Handler):
 
 
 @pytest.fixture
-def mmlogs():
-    """Messages logged through mmengine's current MMLogger."""
-    logger = MMLogger.get_current_instance()
+def mmlogs(monkeypatch):
+    """Messages logged through any MMLogger (a runner makes its own)."""
     handler = _Collect()
-    logger.addHandler(handler)
+    for logger in MMLogger._instance_dict.values():
+        logger.addHandler(handler)
+    original_init = MMLogger.__init__
+
+    def init_and_collect(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.addHandler(handler)
+
+    monkeypatch.setattr(MMLogger, '__init__', init_and_collect)
     yield handler
-    logger.removeHandler(handler)
+    for logger in MMLogger._instance_dict.values():
+        logger.removeHandler(handler)
