@@ -1,0 +1,204 @@
+# Copyright (c) mmcbn contributors. All rights reserved.
+"""CBN inside stock mmdet and mmseg models, with no change to their code.
+
+Faster R-CNN R50-FPN and PSPNet R50-D8 are built from the codebases' own
+base configs with ``norm_cfg=dict(type='CBN', ...)`` in backbone, neck and
+heads, and trained for a few SGD steps on small random inputs.
+"""
+import copy
+
+import pytest
+import torch
+from mmengine.hub import get_config
+from mmengine.registry import DefaultScope
+
+import mmcbn  # noqa: F401
+from mmcbn import CBN2d, binding_report, cbn_layers, set_cbn_iteration
+
+CBN_CFG = dict(type='CBN', window=3, burnin=1)
+STEPS = 3
+
+
+def faster_rcnn_cfg(norm_cfg, norm_eval=False, frozen_stages=1):
+    cfg = get_config('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py')
+    model = cfg.model
+    model.backbone.update(
+        norm_cfg=norm_cfg, norm_eval=norm_eval, frozen_stages=frozen_stages,
+        init_cfg=None)
+    model.neck.norm_cfg = norm_cfg
+    model.roi_head.bbox_head.update(
+        type='Shared4Conv1FCBBoxHead', conv_out_channels=64,
+        fc_out_channels=128, norm_cfg=norm_cfg)
+    # keep CPU time small: fewer proposals and sampled RoIs
+    model.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=100)
+    model.train_cfg.rcnn.sampler.num = 32
+    return model
+
+
+def pspnet_cfg(norm_cfg, norm_eval=False):
+    cfg = get_config(
+        'mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py')
+    model = cfg.model
+    model.pretrained = None
+    model.data_preprocessor.size = (64, 64)
+    model.backbone.update(norm_cfg=norm_cfg, norm_eval=norm_eval)
+    model.decode_head.update(norm_cfg=norm_cfg, channels=64)
+    model.auxiliary_head.update(norm_cfg=norm_cfg, channels=32)
+    return model
+
+
+def build(scope, model_cfg):
+    import importlib
+    registry = importlib.import_module(f'{scope}.registry')
+    importlib.import_module(f'{scope}.utils').register_all_modules(False)
+    with DefaultScope.overwrite_default_scope(scope):
+        torch.manual_seed(0)
+        model = registry.MODELS.build(copy.deepcopy(model_cfg))
+    model.init_weights()
+    return model
+
+
+def det_batch(step):
+    from mmdet.testing import demo_mm_inputs
+    packed = demo_mm_inputs(
+        batch_size=2, image_shapes=[(3, 96, 128), (3, 128, 96)],
+        num_items=[3, 2], num_classes=80)
+    gen = torch.Generator().manual_seed(step)
+    packed['inputs'] = [
+        torch.randint(0, 255, x.shape, generator=gen, dtype=torch.uint8)
+        for x in packed['inputs']
+    ]
+    return packed
+
+
+def seg_batch(step):
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    gen = torch.Generator().manual_seed(step)
+    inputs, samples = [], []
+    for _ in range(2):
+        inputs.append(
+            torch.randint(0, 255, (3, 64, 64), generator=gen,
+                          dtype=torch.uint8))
+        sample = SegDataSample()
+        sample.gt_sem_seg = PixelData(data=torch.randint(
+            0, 19, (1, 64, 64), generator=gen))
+        sample.set_metainfo(dict(img_shape=(64, 64), ori_shape=(64, 64),
+                                 pad_shape=(64, 64)))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def train_steps(model, make_batch, steps=STEPS):
+    from mmengine.optim import OptimWrapper
+    wrapper = OptimWrapper(
+        torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9))
+    model.train()
+    losses = []
+    for step in range(steps):
+        set_cbn_iteration(model, step)
+        log_vars = model.train_step(make_batch(step), wrapper)
+        losses.append(float(log_vars['loss']))
+    return losses
+
+
+CASES = {
+    'faster_rcnn': ('mmdet', faster_rcnn_cfg, det_batch),
+    'pspnet': ('mmseg', pspnet_cfg, seg_batch),
+}
+
+
+@pytest.fixture(scope='module', params=sorted(CASES))
+def trained(request):
+    scope, make_cfg, make_batch = CASES[request.param]
+    model = build(scope, make_cfg(CBN_CFG))
+    losses = train_steps(model, make_batch)
+    return request.param, model, losses
+
+
+def test_every_training_cbn_layer_binds_and_losses_are_finite(trained):
+    name, model, losses = trained
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    report = binding_report(model)
+    ran = {k: v for k, v in report.items() if v != ['not run']}
+    assert len(ran) > 20
+    unbound = {k: v for k, v in ran.items() if any(
+        not e or e.startswith(('unbound', 'not run')) for e in v)}
+    assert not unbound, unbound
+    # each layer is bound to the conv right before it in its own block
+    for layer_name, producers in ran.items():
+        assert all(p and not p.startswith('frozen') for p in producers)
+    for _, layer in cbn_layers(model):
+        if layer.training:
+            assert layer.iteration == STEPS - 1
+            assert len(layer._windows[0]) == min(STEPS, layer.window - 1)
+
+
+def test_producers_are_the_expected_convs(trained):
+    name, model, _ = trained
+    report = binding_report(model)
+    if name == 'faster_rcnn':
+        assert report['backbone.layer2.0.bn1'] == ['backbone.layer2.0.conv1']
+        assert report['backbone.layer3.0.downsample.1'] == [
+            'backbone.layer3.0.downsample.0']
+        assert report['neck.lateral_convs.0.bn'] == [
+            'neck.lateral_convs.0.conv']
+        assert report['roi_head.bbox_head.shared_convs.3.bn'] == [
+            'roi_head.bbox_head.shared_convs.3.conv']
+    else:
+        assert report['backbone.stem.1'] == ['backbone.stem.0']
+        assert report['backbone.layer4.2.bn2'] == ['backbone.layer4.2.conv2']
+        assert report['decode_head.bottleneck.bn'] == [
+            'decode_head.bottleneck.conv']
+        assert report['auxiliary_head.convs.0.bn'] == [
+            'auxiliary_head.convs.0.conv']
+
+
+def test_frozen_stages_and_norm_eval_keep_cbn_in_eval_mode():
+    model = build('mmdet', faster_rcnn_cfg(CBN_CFG, norm_eval=False,
+                                           frozen_stages=1))
+    model.train()
+    frozen = [model.backbone.norm1] + [
+        m for m in model.backbone.layer1.modules() if isinstance(m, CBN2d)]
+    assert frozen and all(not m.training for m in frozen)
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert model.backbone.layer2[0].bn1.training
+
+    model = build('mmdet', faster_rcnn_cfg(CBN_CFG, norm_eval=True))
+    model.train()
+    backbone = [m for _, m in cbn_layers(model.backbone)]
+    assert backbone and all(not m.training for m in backbone)
+    assert model.neck.lateral_convs[0].bn.training
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()
+              if 'running' in k}
+    train_steps(model, det_batch, steps=1)
+    after = model.backbone.state_dict()
+    for k, v in before.items():  # eval-mode layers keep their statistics
+        torch.testing.assert_close(after[k], v)
+    assert binding_report(model)['backbone.layer2.0.bn1'] == ['not run']
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_bn_state_dict_loads_both_ways(name):
+    scope, make_cfg, make_batch = CASES[name]
+    bn_model = build(scope, make_cfg(dict(type='BN')))
+    train_steps(bn_model, make_batch, steps=1)
+    cbn_model = build(scope, make_cfg(CBN_CFG))
+    assert set(bn_model.state_dict()) == set(cbn_model.state_dict())
+    cbn_model.load_state_dict(bn_model.state_dict())  # strict
+    bn_back = build(scope, make_cfg(dict(type='BN')))
+    bn_back.load_state_dict(cbn_model.state_dict())
+    for key, value in bn_model.state_dict().items():
+        torch.testing.assert_close(bn_back.state_dict()[key], value)
+    # and the two models agree in eval mode
+    bn_model.eval(), cbn_model.eval()
+    batch = make_batch(7)
+    with torch.no_grad():
+        a = bn_model.test_step(batch)
+        b = cbn_model.test_step(batch)
+    if scope == 'mmdet':
+        torch.testing.assert_close(a[0].pred_instances.bboxes,
+                                   b[0].pred_instances.bboxes)
+    else:
+        torch.testing.assert_close(a[0].seg_logits.data,
+                                   b[0].seg_logits.data)
