@@ -12,6 +12,7 @@ from .control import (binding_report, binding_summary, cbn_layers,
                       name_cbn_layers, set_cbn_epoch_length,
                       set_cbn_iteration)
 from .hooks import CBNHook
+from .optim import CPUAutocastOptimWrapper
 from .version import __version__
 
 register_safe_globals()
@@ -21,5 +22,5 @@ __all__ = [
     'set_cbn_epoch_length', 'cbn_layers', 'name_cbn_layers',
     'binding_report', 'binding_summary', 'find_producer',
     'check_autograd_introspection', 'load_checkpoint_file',
-    'register_safe_globals', '__version__'
+    'register_safe_globals', 'CPUAutocastOptimWrapper', '__version__'
 ]

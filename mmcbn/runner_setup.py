@@ -23,7 +23,8 @@ KNOWN_SCOPES = ('mmdet', 'mmseg')
 
 
 def config_scope(cfg: Config) -> str:
-    """The codebase a config belongs to, from its ``default_scope``.
+    """The codebase a config belongs to, from its ``default_scope``, for
+    options that work differently in mmdet and mmseg.
 
     Raises:
         ValueError: If the scope is missing or neither mmdet nor mmseg.
@@ -59,21 +60,23 @@ def apply_common_args(cfg: Config, *, config_path: str, launcher: str,
 
 
 def enable_amp(cfg: Config) -> None:
-    """Mixed precision: ``AmpOptimWrapper`` with a dynamic loss scale.
+    """Mixed precision, as mmdet's ``--amp``.
 
-    On CPU, mmengine autocasts to bfloat16 and the loss scaler is disabled.
+    With CUDA: ``AmpOptimWrapper`` with a dynamic loss scale. Without:
+    :class:`mmcbn.optim.CPUAutocastOptimWrapper` (bfloat16 autocast), since
+    mmengine's wrapper refuses to run on CPU.
     """
     wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
-    if wrapper == 'AmpOptimWrapper':
+    if wrapper in ('AmpOptimWrapper', 'CPUAutocastOptimWrapper'):
         return
     if wrapper != 'OptimWrapper':
         raise ValueError(f'--amp needs optim_wrapper.type OptimWrapper, got '
                          f'{wrapper!r} in the config')
-    cfg.optim_wrapper.type = 'AmpOptimWrapper'
     if torch.cuda.is_available():
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
     else:
-        cfg.optim_wrapper.setdefault('dtype', 'bfloat16')
+        cfg.optim_wrapper.type = 'CPUAutocastOptimWrapper'
 
 
 def apply_resume(cfg: Config, resume: Optional[str]) -> None:
@@ -100,8 +103,7 @@ def setup_distributed(cfg: Config, launcher: str) -> None:
                     f'--launcher pytorch needs ${var}: start the script with '
                     'torchrun (tools/dist_train.sh, tools/dist_test.sh)')
         torch_dist.init_process_group(backend='gloo')
-    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
-    cfg.env_cfg.dist_cfg.backend = 'gloo'
+    cfg.merge_from_dict({'env_cfg.dist_cfg.backend': 'gloo'})
     wrapper = cfg.get('model_wrapper_cfg') or dict(
         type='MMDistributedDataParallel',
         broadcast_buffers=False,

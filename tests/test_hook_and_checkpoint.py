@@ -5,95 +5,24 @@ import pickle
 
 import pytest
 import torch
-from mmcv.cnn import ConvModule
-from mmengine.hooks import Hook
-from mmengine.model import BaseModel
 from mmengine.runner import Runner
-from torch import nn
-from torch.utils.data import Dataset
 
 import mmcbn
 from mmcbn import CBNHook, cbn_layers
 from mmcbn.checkpoint import CheckpointError, load_checkpoint_file
-
-
-class TinyNet(BaseModel):
-
-    def __init__(self, norm_cfg):
-        super().__init__()
-        self.conv1 = ConvModule(3, 8, 3, padding=1, norm_cfg=norm_cfg)
-        self.conv2 = ConvModule(
-            8, 8, 3, stride=2, padding=1, norm_cfg=norm_cfg)
-        self.head = nn.Linear(8, 2)
-
-    def forward(self, inputs, labels=None, mode='tensor'):
-        feats = self.conv2(self.conv1(inputs)).mean((2, 3))
-        logits = self.head(feats)
-        if mode == 'loss':
-            return dict(loss=nn.functional.cross_entropy(logits, labels))
-        return logits
-
-
-class RandomImages(Dataset):
-    metainfo = dict(classes=('a', 'b'))
-
-    def __init__(self, n=8):
-        gen = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 3, 8, 8, generator=gen)
-        self.y = torch.randint(0, 2, (n, ), generator=gen)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return dict(inputs=self.x[i], labels=self.y[i])
-
-
-class RecordIterations(Hook):
-    """Records, after each iteration, what every CBN layer believed."""
-
-    priority = 'LOWEST'
-
-    def __init__(self):
-        self.seen = []
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
-                         outputs=None):
-        model = runner.model
-        self.seen.append((runner.iter, [(layer.iteration,
-                                         layer.window_at(layer.iteration))
-                                        for _, layer in cbn_layers(model)]))
+from tiny_cbn import RecordCBNIterations, tiny_config
 
 
 def make_runner(work_dir, max_epochs=3, resume=None, probe=None,
                 norm_cfg=None):
-    norm_cfg = norm_cfg or dict(
-        type='CBN', window=3, burnin=1.5, burnin_by_epoch=True)
-    hooks = [dict(type='CBNHook')] + ([probe] if probe else [])
-    return Runner(
-        model=TinyNet(norm_cfg),
-        work_dir=str(work_dir),
-        train_dataloader=dict(
-            dataset=RandomImages(),
-            batch_size=2,
-            sampler=dict(type='DefaultSampler', shuffle=True),
-            collate_fn=dict(type='default_collate')),
-        train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
-        optim_wrapper=dict(
-            optimizer=dict(type='SGD', lr=0.05, momentum=0.9)),
-        param_scheduler=dict(type='MultiStepLR', milestones=[2]),
-        default_hooks=dict(
-            checkpoint=dict(type='CheckpointHook', interval=1),
-            logger=dict(type='LoggerHook', interval=1)),
-        custom_hooks=hooks,
-        load_from=resume,
-        resume=resume is not None,
-        randomness=dict(seed=0),
-        default_scope=None)
+    cfg = tiny_config(work_dir, max_epochs, norm_cfg)
+    if probe is not None:
+        cfg['custom_hooks'].append(probe)
+    return Runner(**cfg, load_from=resume, resume=resume is not None)
 
 
 def test_hook_gives_layers_the_runner_iteration(tmp_path, mmlogs):
-    probe = RecordIterations()
+    probe = RecordCBNIterations()
     runner = make_runner(tmp_path, max_epochs=3, probe=probe)
     runner.train()
     # 8 images, 2 per iteration: 4 iterations per epoch, burn-in 1.5 epochs
@@ -118,7 +47,7 @@ def test_resume_mid_burnin_continues_with_the_right_iteration(tmp_path):
     # resume from the end of epoch 1 (iteration 4, inside the 6-iteration
     # burn-in); the checkpoint goes through torch's weights-only loader
     ckpt = str(tmp_path / 'full' / 'epoch_1.pth')
-    probe = RecordIterations()
+    probe = RecordCBNIterations()
     runner = make_runner(tmp_path / 'resumed', 3, resume=ckpt, probe=probe)
     runner.train()
     iters = [layers[0][0] for _, layers in probe.seen]

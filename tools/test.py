@@ -85,7 +85,10 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     cfg = Config.fromfile(args.config)
-    scope = config_scope(cfg)
+    # --out and --show-dir work the mmdet or the mmseg way
+    scope = config_scope(cfg) if (args.out or args.show
+                                  or args.show_dir) else cfg.get(
+                                      'default_scope')
     apply_common_args(
         cfg,
         config_path=args.config,

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mmcbn  # noqa: E402,F401  (CBN, CBNHook, safe checkpoint loading)
 from mmcbn.runner_setup import (DictAction, apply_common_args,  # noqa: E402
-                                apply_resume, config_scope, enable_amp)
+                                apply_resume, enable_amp)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,7 +64,6 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     cfg = Config.fromfile(args.config)
-    config_scope(cfg)
     apply_common_args(
         cfg,
         config_path=args.config,

@@ -1,0 +1,93 @@
+# Copyright (c) mmcbn contributors. All rights reserved.
+"""tools/train.py and tools/dist_train.sh on this CPU machine."""
+import json
+import os
+import os.path as osp
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.config import Config
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TESTS = osp.join(ROOT, 'tests')
+sys.path.insert(0, osp.join(ROOT, 'tools'))
+
+
+def write_config(tmp_path, **overrides):
+    from tiny_cbn import tiny_config
+    cfg = tiny_config(tmp_path / 'work', **overrides)
+    cfg['custom_imports'] = dict(
+        imports=['mmcbn', 'tiny_cbn'], allow_failed_imports=False)
+    cfg['custom_hooks'].append(dict(type='RecordCBNIterations', dump=True))
+    path = str(tmp_path / 'tiny_cbn_config.py')
+    Config(cfg).dump(path)
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_dist_train_two_gloo_processes(tmp_path):
+    config = write_config(tmp_path, max_epochs=2)
+    env = dict(os.environ, PORT=str(free_port()), OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([ROOT, TESTS]),
+               PYTHON=sys.executable)
+    proc = subprocess.run(
+        ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), config, '2'],
+        env=env, cwd=str(tmp_path), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    work = tmp_path / 'work'
+    # 8 images over 2 ranks, 2 per rank: 2 iterations per epoch
+    ckpt = torch.load(str(work / 'epoch_2.pth'))
+    assert ckpt['meta']['iter'] == 4
+    assert "backend='gloo'" in ckpt['meta']['cfg']
+    ranks = []
+    for rank in (0, 1):
+        with open(work / f'cbn_iters_rank{rank}.json') as f:
+            ranks.append(json.load(f))
+    for record in ranks:
+        iters = [layers[0][0] for _, layers in record['seen']]
+        assert iters == [0, 1, 2, 3]
+        # burn-in of 1.5 epochs = 3 iterations at 2 iterations per epoch
+        assert [layers[0][1] for _, layers in record['seen']] == [1, 1, 1, 3]
+    # each rank kept statistics of its own batches
+    assert ranks[0]['window_means'] != ranks[1]['window_means']
+    # rank 0 alone wrote checkpoints
+    assert sorted(p for p in os.listdir(work) if p.endswith('.pth')) == [
+        'epoch_1.pth', 'epoch_2.pth']
+
+
+def test_train_amp_then_resume_from_cli(tmp_path):
+    import train
+    config = write_config(tmp_path, max_epochs=1)
+    train.main([config, '--amp', '--work-dir', str(tmp_path / 'work')])
+    ckpt = torch.load(str(tmp_path / 'work' / 'epoch_1.pth'))
+    assert ckpt['meta']['iter'] == 4
+    assert 'CPUAutocastOptimWrapper' in ckpt['meta']['cfg']
+    with open(tmp_path / 'work' / 'cbn_iters_rank0.json') as f:
+        assert [layers[0][0] for _, layers in json.load(f)['seen']] == [
+            0, 1, 2, 3]
+    # --resume (auto) picks the latest checkpoint and continues to epoch 2
+    train.main([
+        config, '--resume', '--work-dir',
+        str(tmp_path / 'work'), '--cfg-options', 'train_cfg.max_epochs=2'
+    ])
+    with open(tmp_path / 'work' / 'cbn_iters_rank0.json') as f:
+        record = json.load(f)
+    assert [layers[0][0] for _, layers in record['seen']] == [4, 5, 6, 7]
+    assert torch.load(str(tmp_path / 'work' / 'epoch_2.pth'))['meta'][
+        'iter'] == 8
+
+
+def test_resume_path_must_exist(tmp_path):
+    import train
+    config = write_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match='nope.pth'):
+        train.main([config, '--resume', str(tmp_path / 'nope.pth')])

@@ -1,0 +1,105 @@
+# Copyright (c) mmcbn contributors. All rights reserved.
+"""A tiny CBN model, dataset and probe hook for runner-level tests.
+
+Registered in mmengine's root registries, so configs (and the processes
+torchrun starts) can use them with ``custom_imports=['tiny_cbn']``.
+"""
+import json
+import os.path as osp
+
+import torch
+from mmcv.cnn import ConvModule
+from mmengine.dist import get_rank
+from mmengine.hooks import Hook
+from mmengine.model import BaseModel
+from mmengine.registry import DATASETS, HOOKS, MODELS
+from torch import nn
+from torch.utils.data import Dataset
+
+from mmcbn import cbn_layers
+
+
+@MODELS.register_module()
+class TinyCBNNet(BaseModel):
+
+    def __init__(self, norm_cfg):
+        super().__init__()
+        self.conv1 = ConvModule(3, 8, 3, padding=1, norm_cfg=norm_cfg)
+        self.conv2 = ConvModule(
+            8, 8, 3, stride=2, padding=1, norm_cfg=norm_cfg)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, inputs, labels=None, mode='tensor'):
+        feats = self.conv2(self.conv1(inputs)).mean((2, 3))
+        logits = self.head(feats)
+        if mode == 'loss':
+            return dict(loss=nn.functional.cross_entropy(logits, labels))
+        return logits
+
+
+@DATASETS.register_module()
+class RandomImages(Dataset):
+    metainfo = dict(classes=('a', 'b'))
+
+    def __init__(self, n=8):
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 8, 8, generator=gen)
+        self.y = torch.randint(0, 2, (n, ), generator=gen)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return dict(inputs=self.x[i], labels=self.y[i])
+
+
+@HOOKS.register_module()
+class RecordCBNIterations(Hook):
+    """Records what every CBN layer believed after each iteration; with
+    ``dump=True`` writes it to ``work_dir/cbn_iters_rank{rank}.json``."""
+
+    priority = 'LOWEST'
+
+    def __init__(self, dump=False):
+        self.seen = []
+        self.dump = dump
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        self.seen.append((runner.iter, [(layer.iteration,
+                                         layer.window_at(layer.iteration))
+                                        for _, layer in cbn_layers(
+                                            runner.model)]))
+
+    def after_train(self, runner):
+        if self.dump:
+            means = [layer._windows[0]._buffers['a_mean'].sum().item()
+                     for _, layer in cbn_layers(runner.model)]
+            path = osp.join(runner.work_dir, f'cbn_iters_rank{get_rank()}'
+                            '.json')
+            with open(path, 'w') as f:
+                json.dump(dict(seen=self.seen, window_means=means), f)
+
+
+def tiny_config(work_dir, max_epochs=3, norm_cfg=None, extra_hooks=()):
+    """A runner config training TinyCBNNet on RandomImages."""
+    norm_cfg = norm_cfg or dict(
+        type='CBN', window=3, burnin=1.5, burnin_by_epoch=True)
+    return dict(
+        model=dict(type='TinyCBNNet', norm_cfg=norm_cfg),
+        work_dir=str(work_dir),
+        train_dataloader=dict(
+            dataset=dict(type='RandomImages'),
+            batch_size=2,
+            num_workers=0,
+            sampler=dict(type='DefaultSampler', shuffle=True),
+            collate_fn=dict(type='default_collate')),
+        train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9)),
+        param_scheduler=dict(type='MultiStepLR', milestones=[2]),
+        default_hooks=dict(
+            checkpoint=dict(type='CheckpointHook', interval=1),
+            logger=dict(type='LoggerHook', interval=1)),
+        custom_hooks=[dict(type='CBNHook'), *extra_hooks],
+        randomness=dict(seed=0),
+        default_scope=None)
