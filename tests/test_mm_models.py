@@ -5,102 +5,12 @@ Faster R-CNN R50-FPN and PSPNet R50-D8 are built from the codebases' own
 base configs with ``norm_cfg=dict(type='CBN', ...)`` in backbone, neck and
 heads, and trained for a few SGD steps on small random inputs.
 """
-import copy
-
 import pytest
 import torch
-from mmengine.hub import get_config
-from mmengine.registry import DefaultScope
 
-import mmcbn  # noqa: F401
-from mmcbn import CBN2d, binding_report, cbn_layers, set_cbn_iteration
-
-CBN_CFG = dict(type='CBN', window=3, burnin=1)
-STEPS = 3
-
-
-def faster_rcnn_cfg(norm_cfg, norm_eval=False, frozen_stages=1):
-    cfg = get_config('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py')
-    model = cfg.model
-    model.backbone.update(
-        norm_cfg=norm_cfg, norm_eval=norm_eval, frozen_stages=frozen_stages,
-        init_cfg=None)
-    model.neck.norm_cfg = norm_cfg
-    model.roi_head.bbox_head.update(
-        type='Shared4Conv1FCBBoxHead', conv_out_channels=64,
-        fc_out_channels=128, norm_cfg=norm_cfg)
-    # keep CPU time small: fewer proposals and sampled RoIs
-    model.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=100)
-    model.train_cfg.rcnn.sampler.num = 32
-    return model
-
-
-def pspnet_cfg(norm_cfg, norm_eval=False):
-    cfg = get_config(
-        'mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py')
-    model = cfg.model
-    model.pretrained = None
-    model.data_preprocessor.size = (64, 64)
-    model.backbone.update(norm_cfg=norm_cfg, norm_eval=norm_eval)
-    model.decode_head.update(norm_cfg=norm_cfg, channels=64)
-    model.auxiliary_head.update(norm_cfg=norm_cfg, channels=32)
-    return model
-
-
-def build(scope, model_cfg):
-    import importlib
-    registry = importlib.import_module(f'{scope}.registry')
-    importlib.import_module(f'{scope}.utils').register_all_modules(False)
-    with DefaultScope.overwrite_default_scope(scope):
-        torch.manual_seed(0)
-        model = registry.MODELS.build(copy.deepcopy(model_cfg))
-    model.init_weights()
-    return model
-
-
-def det_batch(step):
-    from mmdet.testing import demo_mm_inputs
-    packed = demo_mm_inputs(
-        batch_size=2, image_shapes=[(3, 96, 128), (3, 128, 96)],
-        num_items=[3, 2], num_classes=80)
-    gen = torch.Generator().manual_seed(step)
-    packed['inputs'] = [
-        torch.randint(0, 255, x.shape, generator=gen, dtype=torch.uint8)
-        for x in packed['inputs']
-    ]
-    return packed
-
-
-def seg_batch(step):
-    from mmengine.structures import PixelData
-    from mmseg.structures import SegDataSample
-    gen = torch.Generator().manual_seed(step)
-    inputs, samples = [], []
-    for _ in range(2):
-        inputs.append(
-            torch.randint(0, 255, (3, 64, 64), generator=gen,
-                          dtype=torch.uint8))
-        sample = SegDataSample()
-        sample.gt_sem_seg = PixelData(data=torch.randint(
-            0, 19, (1, 64, 64), generator=gen))
-        sample.set_metainfo(dict(img_shape=(64, 64), ori_shape=(64, 64),
-                                 pad_shape=(64, 64)))
-        samples.append(sample)
-    return dict(inputs=inputs, data_samples=samples)
-
-
-def train_steps(model, make_batch, steps=STEPS):
-    from mmengine.optim import OptimWrapper
-    wrapper = OptimWrapper(
-        torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9))
-    model.train()
-    losses = []
-    for step in range(steps):
-        set_cbn_iteration(model, step)
-        log_vars = model.train_step(make_batch(step), wrapper)
-        losses.append(float(log_vars['loss']))
-    return losses
-
+from mm_builders import (CBN_CFG, STEPS, build, det_batch, faster_rcnn_cfg,
+                         pspnet_cfg, seg_batch, train_steps)
+from mmcbn import CBN2d, binding_report, cbn_layers
 
 CASES = {
     'faster_rcnn': ('mmdet', faster_rcnn_cfg, det_batch),
