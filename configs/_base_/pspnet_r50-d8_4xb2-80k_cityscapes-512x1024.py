@@ -1,0 +1,19 @@
+# Shared part (not a full config) of the PSPNet norm comparison on
+# Cityscapes: PSPNet R50-D8 (ResNetV1c), 512x1024 crops, 2 crops per GPU
+# (mmseg's 4xb2), 80k-iteration schedule, with the norm in the backbone
+# (trained, norm_eval=False), the PSP head (pyramid pooling convs and
+# bottleneck) and the auxiliary FCN head: mmseg's placement (SyncBN there).
+#
+# The normalized positions are marked with a placeholder norm type that
+# nothing registers: every configs/pspnet/*_cityscapes-* file must set its own
+# norm_cfg at each of them (a forgotten one fails to build), so the CBN config
+# and its BN/GN/SyncBN baselines differ only in the norm.
+_base_ = 'mmseg::pspnet/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024.py'
+
+# Placeholder: each norm-specific child replaces it and sets every field.
+norm_cfg = dict(type='NormSetByEachConfig')
+model = dict(
+    backbone=dict(norm_cfg=norm_cfg, norm_eval=False),
+    decode_head=dict(norm_cfg=norm_cfg),
+    auxiliary_head=dict(norm_cfg=norm_cfg))
+train_dataloader = dict(batch_size=2)  # 2 crops per GPU (as the base)

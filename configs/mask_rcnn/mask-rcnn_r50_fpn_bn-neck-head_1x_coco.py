@@ -1,0 +1,14 @@
+# Baseline for mask-rcnn_r50_fpn_cbn-neck-head_1x_coco.py: Mask R-CNN R50-FPN,
+# COCO instance segmentation, 1x schedule, 2 images per GPU, with plain BN in
+# the FPN and the 4conv1fc box and 4conv mask heads. The backbone keeps mmdet's
+# frozen BN (norm_eval=True, frozen_stages=1). Everything else as in the CBN
+# config.
+#
+# BN normalizes with the statistics of the 2 images of one GPU.
+_base_ = '../_base_/mask-rcnn_r50_fpn_4conv1fc_neck-head_1x_coco.py'
+
+norm_cfg = dict(type='BN', requires_grad=True)
+model = dict(
+    neck=dict(norm_cfg=norm_cfg),
+    roi_head=dict(
+        bbox_head=dict(norm_cfg=norm_cfg), mask_head=dict(norm_cfg=norm_cfg)))

@@ -1,0 +1,13 @@
+# Baseline for pspnet_r50-d8_cbn_4xb2-80k_ade20k-512x512.py: PSPNet R50-D8,
+# ADE20K, 512x512 crops, 2 crops per GPU, 80k iterations, with plain BN in the
+# backbone (trained, norm_eval=False), the PSP head and the auxiliary FCN head.
+# Everything else as in the CBN config.
+#
+# BN normalizes with the statistics of the 2 crops of one GPU.
+_base_ = '../_base_/pspnet_r50-d8_4xb2-80k_ade20k-512x512.py'
+
+norm_cfg = dict(type='BN', requires_grad=True)
+model = dict(
+    backbone=dict(norm_cfg=norm_cfg),
+    decode_head=dict(norm_cfg=norm_cfg),
+    auxiliary_head=dict(norm_cfg=norm_cfg))
