@@ -69,9 +69,15 @@ class Producer:
         if self.kind == 'linear':
             return inp.mean(0, keepdim=True)
         m = x.numel() // x.shape[1]
+        kernel = self.weight.shape[2:]
+        if all(k == 1 for k in kernel) and not any(self.padding):
+            # 1x1 kernel: the patch is the (strided) input pixel itself
+            pixels = inp[(slice(None), slice(None)) +
+                         tuple(slice(None, None, s) for s in self.stride)]
+            return pixels.mean((0, ) + tuple(range(2, inp.dim()))).reshape(
+                self.groups, -1)
         # The patch mean is linear in the input: sum the batch first.
         inp = inp.sum(0, keepdim=True)
-        kernel = self.weight.shape[2:]
         per_group = inp.shape[1] // self.groups
         grad_out = x.new_full((), 1.0 / m).expand(
             (1, self.groups) + tuple(x.shape[2:]))
@@ -90,8 +96,8 @@ class Producer:
         m = x.numel() // x.shape[1]
         if self.kind == 'linear':
             return torch.mm(x.t(), inp).mul_(2.0 / m)
-        grad = _conv_weight_grad(x * (2.0 / m), inp, self.weight.shape, self)
-        return grad.reshape(grad.shape[0], -1)
+        grad = _conv_weight_grad(x, inp, self.weight.shape, self)
+        return grad.reshape(grad.shape[0], -1).mul_(2.0 / m)
 
 
 def _conv_weight_grad(grad_out: Tensor, inp: Tensor, weight_shape,

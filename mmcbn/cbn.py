@@ -12,7 +12,7 @@ producing layer's parameters since it was recorded.
 """
 import logging
 import math
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .binding import Binding, find_producer
-from .functional import batch_statistics, cross_iteration_norm, stats_dtype
+from .functional import (batch_norm_with_stats, cross_iteration_norm,
+                         stats_dtype)
 from .window import WindowState, make_record
 
 
@@ -190,8 +191,7 @@ class _CrossIterationBatchNorm:
         state = self._windows[position]
         window = self.window_at(iteration)
         if self.window == 1:  # BatchNorm: nothing to record or average
-            mean_t, var_t = batch_statistics(x.detach())
-            return self._batch_norm(x, mean_t, var_t)
+            return self._batch_norm(x)[0]
 
         binding = find_producer(x)
         self.bindings[position] = binding
@@ -201,8 +201,7 @@ class _CrossIterationBatchNorm:
                 f'layer: {binding.reason}. It falls back to BatchNorm '
                 '(window 1).')
             state.reset()
-            mean_t, var_t = batch_statistics(x.detach())
-            return self._batch_norm(x, mean_t, var_t)
+            return self._batch_norm(x)[0]
 
         prod = binding.producer
         use_comp = self.compensate and binding.status == 'bound'
@@ -212,13 +211,13 @@ class _CrossIterationBatchNorm:
                                         prod.weight if use_comp else None,
                                         prod.bias if use_comp else None)
         if history is None:
-            mean_t, var_t = batch_statistics(x.detach())
-            y = self._batch_norm(x, mean_t, var_t)
+            y, mean_t, var_t = self._batch_norm(x)
         else:
-            hist_mean, hist_nu = history
-            keep = torch.isfinite(hist_mean).all(1) & torch.isfinite(
+            hist_mean, hist_nu, valid = history
+            finite = torch.isfinite(hist_mean).all(1) & torch.isfinite(
                 hist_nu).all(1)
-            if not bool(keep.all()):
+            keep = valid & finite
+            if not bool((finite | ~valid).all()):
                 self._warn_once(
                     'nonfinite', f'{self._name()}: a compensated statistic '
                     f'of an earlier iteration is not finite at iteration '
@@ -239,12 +238,16 @@ class _CrossIterationBatchNorm:
                 state.push(iteration, binding.key, record)
         return y
 
-    def _batch_norm(self, x: Tensor, mean_t: Tensor, var_t: Tensor) -> Tensor:
-        """Plain BN in training mode; running stats updated NaN-safely."""
-        y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0,
-                         self.eps)
+    def _batch_norm(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Plain training-mode BN; running stats updated NaN-safely.
+
+        Returns:
+            tuple[Tensor]: The output and the batch mean and variance.
+        """
+        y, mean_t, var_t = batch_norm_with_stats(x, self.weight, self.bias,
+                                                 self.eps)
         self._update_running_stats(x, mean_t, var_t)
-        return y
+        return y, mean_t, var_t
 
     @torch.no_grad()
     def _update_running_stats(self, x: Tensor, mean_t: Tensor,

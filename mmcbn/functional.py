@@ -44,11 +44,19 @@ def stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def batch_statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x`` in the stats dtype."""
-    x = x.to(stats_dtype(x))
-    var, mean = torch.var_mean(x, dim=reduce_dims(x), correction=0)
-    return mean, var
+def batch_norm_with_stats(x: Tensor, weight: Optional[Tensor],
+                          bias: Optional[Tensor],
+                          eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BatchNorm (the very kernel ``F.batch_norm`` runs) that
+    also returns the batch mean and biased variance it used (stats dtype,
+    no grad), with no extra pass over ``x``.
+    """
+    y, mean, invstd = torch.ops.aten.native_batch_norm(
+        x, weight, bias, None, None, True, 0.0, eps)
+    dtype = stats_dtype(x)
+    mean = mean.detach().to(dtype)
+    var = (invstd.detach().to(dtype).pow(-2) - eps).clamp_(min=0)
+    return y, mean, var
 
 
 def window_moments(mean_t: Tensor, var_t: Tensor, hist_mean: Tensor,

@@ -43,17 +43,38 @@ class Record:
     mean: Optional[Tensor] = None
 
 
+#: Elements per chunk of a row-wise product: the temporary stays in cache.
+_CHUNK_ELEMENTS = 1 << 16
+
+
 def _group_dot(pbar: Tensor, weight: Tensor) -> Tensor:
     """Per-output-channel ``pbar[group(j)] . W_j``; pbar: (..., G, L)."""
     groups = pbar.shape[-2]
+    if groups == 1:
+        return torch.matmul(pbar[..., 0, :], weight.reshape(
+            weight.shape[0], -1).t())
     w = weight.reshape(groups, weight.shape[0] // groups, -1)
     return torch.einsum('...gl,gol->...go', pbar, w).flatten(-2)
 
 
 def _row_dot(grad: Tensor, weight: Tensor) -> Tensor:
-    """Per-output-channel ``G_j . W_j``; grad: (..., C_out, L)."""
-    return torch.einsum('...ol,ol->...o', grad,
-                        weight.reshape(weight.shape[0], -1))
+    """Per-output-channel ``G_j . W_j``; grad: (..., C_out, L).
+
+    Memory-bound (every stored gradient is read once): done in cache-sized
+    chunks of output channels, which is several times faster on CPU than a
+    batched matmul of (n x L)(L x 1) products or one big temporary.
+    """
+    w = weight.reshape(weight.shape[0], -1)
+    lead = grad.numel() // w.numel()
+    rows = max(1, _CHUNK_ELEMENTS // (lead * w.shape[1]))
+    if rows >= w.shape[0]:
+        return (grad * w).sum(-1)
+    out = grad.new_empty(grad.shape[:-1])
+    for start in range(0, w.shape[0], rows):
+        stop = start + rows
+        torch.sum(grad[..., start:stop, :] * w[start:stop], -1,
+                  out=out[..., start:stop])
+    return out
 
 
 def make_record(binding: Binding, x: Tensor, mean: Tensor, var: Tensor,
@@ -148,15 +169,18 @@ class WindowState:
         self._next = (slot + 1) % self.capacity
 
     def compensated(
-            self, iteration: int, window: int, key: tuple,
-            weight: Optional[Tensor],
-            bias: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
-        """Statistics of the entries in the window, at the current parameters.
+        self, iteration: int, window: int, key: tuple,
+        weight: Optional[Tensor], bias: Optional[Tensor]
+    ) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+        """Statistics of the stored entries at the current parameters.
+
+        All slots are compensated (no gather copies); ``valid`` tells which
+        belong to the window.
 
         Args:
             iteration (int): The current iteration ``t``.
             window (int): The window ``k``; entries of iterations
-                ``t - k + 1 ... t - 1`` are used.
+                ``t - k + 1 ... t - 1`` are valid.
             key (tuple): The current producer's identity.
             weight (Tensor, optional): The producer's current weight, if
                 trainable.
@@ -164,23 +188,18 @@ class WindowState:
                 trainable.
 
         Returns:
-            tuple[Tensor] | None: ``(mean, nu)`` of shape (n, C) for the
-            n entries in the window, or None if there are none.
+            tuple[Tensor] | None: ``(mean, nu, valid)`` of shapes (n, C),
+            (n, C) and (n, ) for the n slots, or None if no slot is valid.
         """
         if key != self.key:
             return None
-        slots = [
-            i for i, it in enumerate(self.iterations)
-            if it is not None and 1 <= iteration - it <= window - 1
+        valid = [
+            it is not None and 1 <= iteration - it <= window - 1
+            for it in self.iterations
         ]
-        if not slots:
+        if not any(valid):
             return None
-        if len(slots) == self.capacity:
-            buf = self._buffers
-        else:
-            index = torch.tensor(slots, device=self._buffers['a_mean'].device)
-            buf = {n: b.index_select(0, index)
-                   for n, b in self._buffers.items()}
+        buf = self._buffers
         mean, nu = buf['a_mean'], buf['a_nu']
         if 'pbar' in buf:
             w = weight.to(mean.dtype)
@@ -190,4 +209,5 @@ class WindowState:
             b = bias.to(mean.dtype)
             mean = mean + b
             nu = nu + 2 * buf['mean'] * b
-        return mean, nu
+        valid = torch.tensor(valid, device=mean.device)
+        return mean, nu, valid
