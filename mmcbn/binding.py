@@ -232,6 +232,19 @@ def _chain(node):
         node = nxt[0][0] if len(nxt) == 1 else None
 
 
+def saved_tensors_hooked() -> bool:
+    """Whether default saved-tensor hooks are active (e.g. inside a
+    non-reentrant activation checkpoint)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(
+        False) is not None
+
+
+def in_backward() -> bool:
+    """Whether the autograd engine is running (a forward called now is an
+    activation-checkpointing recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def find_producer(x: Tensor) -> Binding:
     """Inspect the autograd graph of a CBN input for the layer behind it.
 
@@ -241,6 +254,13 @@ def find_producer(x: Tensor) -> Binding:
     Returns:
         Binding: The producer and its status, or why none was found.
     """
+    if saved_tensors_hooked():
+        # Under activation checkpointing (non-reentrant) or offloading the
+        # saved tensors are placeholders; reading one would recompute.
+        return Binding(
+            'unbound',
+            reason='saved tensors are hooked (activation checkpointing, '
+            'e.g. with_cp=True, or offloading)')
     node = x.grad_fn
     if node is None:
         if torch.is_grad_enabled() and not x.requires_grad:
@@ -279,6 +299,7 @@ def check_autograd_introspection() -> None:
     )
     for out, module, kind in checks:
         try:
+            saved_tensors_hooked(), in_backward()
             binding = find_producer(out)
             ok = (binding.status == 'bound'
                   and binding.producer.kind == kind

@@ -21,7 +21,7 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .binding import Binding, find_producer
+from .binding import Binding, find_producer, in_backward
 from .functional import (batch_norm_with_stats, cross_iteration_norm,
                          stats_dtype)
 from .window import WindowState, make_record
@@ -174,6 +174,12 @@ class _CrossIterationBatchNorm:
         self._check_input(x)
         if not self.training:
             return super().forward(x)  # BatchNorm, at BatchNorm's speed
+        if in_backward():
+            # Activation checkpointing recomputes this call during backward.
+            # The original call could not bind (grad off, or hooked saved
+            # tensors), so it was BatchNorm: reproduce it, touch no state.
+            return F.batch_norm(x, None, None, self.weight, self.bias, True,
+                                0.0, self.eps)
         if x.numel() // x.shape[1] <= 1:
             raise ValueError(
                 f'{self._name()} needs more than 1 value per channel when '

@@ -316,3 +316,30 @@ def test_no_grad_training_forward_is_unbound():
         model(torch.randn(2, 3, 6, 6))
     assert model[1].bindings[0].status == 'unbound'
     assert 'grad mode is off' in model[1].bindings[0].reason
+
+
+@pytest.mark.parametrize('reentrant', [True, False])
+def test_activation_checkpointing_is_consistent_batchnorm(reentrant, mmlogs):
+    """with_cp=True: the layer cannot bind, so it is BN in the forward and
+    in the recomputation during backward alike (gradients consistent),
+    counting each iteration and updating running statistics once."""
+    import torch.utils.checkpoint as cp
+    cbn = conv_cbn(window=3)
+    cbn[1].cbn_name = 'layer1.0.bn1'
+    bn = conv_bn(cbn)
+    for step in range(4):
+        x = torch.randn(2, 3, 6, 6, requires_grad=True)
+        y = cp.checkpoint(cbn, x, use_reentrant=reentrant)
+        y.pow(3).mean().backward()
+        x_ref = x.detach().requires_grad_()
+        y_ref = bn(x_ref)
+        y_ref.pow(3).mean().backward()
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        for p, q in zip(cbn.parameters(), bn.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+    assert cbn[1].iteration == 3
+    assert int(cbn[1].num_batches_tracked) == 4
+    torch.testing.assert_close(cbn[1].running_mean, bn[1].running_mean)
+    assert [m for m in mmlogs.messages if 'layer1.0.bn1' in m][0]
+    assert cbn[1].bindings[0].status == 'unbound'
