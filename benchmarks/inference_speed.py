@@ -1,0 +1,136 @@
+# Copyright (c) mmcbn contributors. All rights reserved.
+"""Eval-mode forward time: the CBN model vs the same model with BN vs the
+exported (published) model, GN beside for context.
+
+Models are built from the project's configs (Faster R-CNN R50-FPN and
+PSPNet R50-D8 with the norm in backbone, neck and heads); the exported
+model is the CBN config after ``mmcbn.export.export_config`` with the CBN
+model's weights. All are timed in one process, round-robin, so machine
+load hits them alike; ratios are to the BN model.
+
+Usage::
+
+    python benchmarks/inference_speed.py            # full
+    python benchmarks/inference_speed.py --quick    # < 1 minute
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import statistics
+import sys
+import time
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
+
+import mmcbn  # noqa: E402,F401
+from mmcbn.export import export_config  # noqa: E402
+
+MODELS = {
+    'Faster R-CNN R50-FPN': (
+        'mmdet', 'configs/faster_rcnn/faster-rcnn_r50_fpn_{}-all_1x_coco.py'),
+    'PSPNet R50-D8': (
+        'mmseg',
+        'configs/pspnet/pspnet_r50-d8_{}_4xb2-80k_cityscapes-512x1024.py'),
+}
+
+
+def build(scope, cfg):
+    import importlib
+    importlib.import_module(f'{scope}.utils').register_all_modules(False)
+    registry = importlib.import_module(f'{scope}.registry')
+    cfg = cfg.copy()
+    model_cfg = cfg.model
+    if model_cfg.get('pretrained') is not None:
+        model_cfg.pretrained = None
+    if model_cfg.backbone.get('init_cfg') is not None:
+        model_cfg.backbone.init_cfg = None
+    with DefaultScope.overwrite_default_scope(scope):
+        torch.manual_seed(0)
+        return registry.MODELS.build(model_cfg).eval()
+
+
+def batch_for(scope, size):
+    if scope == 'mmdet':
+        from mmdet.testing import demo_mm_inputs
+        return demo_mm_inputs(batch_size=1, image_shapes=[(3, size, size)],
+                              num_items=[1], num_classes=80)
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    sample = SegDataSample()
+    sample.set_metainfo(dict(img_shape=(size, size), ori_shape=(size, size),
+                             pad_shape=(size, size)))
+    sample.gt_sem_seg = PixelData(
+        data=torch.zeros(1, size, size, dtype=torch.long))
+    gen = torch.Generator().manual_seed(0)
+    return dict(
+        inputs=[torch.randint(0, 255, (3, size, size), generator=gen,
+                              dtype=torch.uint8)],
+        data_samples=[sample])
+
+
+def time_models(models, batch, warmup, reps):
+    with torch.no_grad():
+        for model in models.values():
+            for _ in range(warmup):
+                model.test_step(batch)
+        times = {name: [] for name in models}
+        for _ in range(reps):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model.test_step(batch)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true')
+    parser.add_argument('--out', default=osp.join(ROOT, 'benchmarks',
+                                                  'results'))
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--reps', type=int, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    size = 64 if args.quick else 512
+    reps = args.reps or (2 if args.quick else 15)
+    rows = []
+    for name, (scope, pattern) in MODELS.items():
+        cfgs = {
+            norm: Config.fromfile(osp.join(ROOT, pattern.format(norm)))
+            for norm in ('cbn', 'bn', 'gn')
+        }
+        models = {norm.upper(): build(scope, cfg)
+                  for norm, cfg in cfgs.items()}
+        exported = build(scope, export_config(cfgs['cbn']))
+        exported.load_state_dict(models['CBN'].state_dict())
+        models['exported'] = exported
+        batch = batch_for(scope, size)
+        times = time_models(models, batch, 2, reps)
+        for norm, t in times.items():
+            rows.append(dict(model=name, norm=norm, forward_ms=1e3 * t,
+                             ratio_to_bn=t / times['BN']))
+    result = dict(
+        date=time.strftime('%Y-%m-%d'),
+        machine=f'{os.cpu_count()}-core CPU, torch {torch.__version__}, '
+        f'{args.threads} threads',
+        input=f'1 x 3 x {size} x {size}, eval mode, test_step', rows=rows)
+    os.makedirs(args.out, exist_ok=True)
+    suffix = '_quick' if args.quick else ''
+    with open(osp.join(args.out, f'inference_speed{suffix}.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    print(f"{result['date']}, {result['machine']}, {result['input']}")
+    print('| model | norm | forward (ms) | x BN |')
+    print('|---|---|---|---|')
+    for row in rows:
+        print(f"| {row['model']} | {row['norm']} | {row['forward_ms']:.1f} "
+              f"| {row['ratio_to_bn']:.3f} |")
+
+
+if __name__ == '__main__':
+    main()
