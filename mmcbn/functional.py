@@ -95,7 +95,11 @@ class _CrossIterationNorm(torch.autograd.Function):
                 hist_keep: Tensor, eps: float):
         dtype = stats_dtype(x)
         xs = x.to(dtype)
-        var_t, mean_t = torch.var_mean(xs, dim=reduce_dims(xs), correction=0)
+        dims = reduce_dims(xs)
+        # two passes: several times faster on CPU than torch.var_mean for
+        # this reduction pattern, and as accurate
+        mean_t = xs.mean(dims)
+        var_t = (xs - channel_view(mean_t, xs)).square_().mean(dims)
         mean_bar, var_bar, k = window_moments(mean_t, var_t, hist_mean,
                                               hist_var, hist_keep)
         invstd = torch.rsqrt(var_bar + eps)

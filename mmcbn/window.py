@@ -43,8 +43,9 @@ class Record:
     mean: Optional[Tensor] = None
 
 
-#: Elements per chunk of a row-wise product: the temporary stays in cache.
-_CHUNK_ELEMENTS = 1 << 16
+#: Elements per chunk of a row-wise product (the temporary stays in cache;
+#: measured best of 2^16..2^22 for ResNet-50's largest layers).
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def _group_dot(pbar: Tensor, weight: Tensor) -> Tensor:
