@@ -14,8 +14,11 @@ alone, on the same activations, and reports
 
 Usage::
 
-    python benchmarks/train_speed.py              # ResNet-50 + Faster R-CNN
-    python benchmarks/train_speed.py --quick      # < 1 minute
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/train_speed.py
+    python benchmarks/train_speed.py --quick      # smoke test, < 1 minute
+
+(On a CPU shared with other jobs, OpenMP's busy-waiting threads slow every
+variant down several times; ``OMP_WAIT_POLICY=PASSIVE`` avoids that.)
 """
 import argparse
 import json
@@ -123,15 +126,27 @@ def make_detector_step(norm, size):
     return model, lambda: model.train_step(batch, wrapper)
 
 
-def conv_weight_bytes_of_bound(model):
-    """Bytes of the producing conv weights of the trained CBN layers."""
-    total = 0
-    for _, layer in cbn_layers(model):
-        for binding in layer.bindings:
-            if binding is not None and binding.status == 'bound':
-                w = binding.producer.weight
-                total += w.numel() * w.element_size()
-    return total
+def state_per_weight(model):
+    """Window-state bytes / (producer weight bytes x stored iterations),
+    over all layers: 1.0 means one weight-sized tensor per stored entry.
+    mmcbn allocates its ring buffer for ``window - 1`` entries at once;
+    the authors' layer grows a list, so its current length counts."""
+    state = stored = 0
+    for module in model.modules():
+        if hasattr(module, '_windows'):  # mmcbn's CBN
+            for binding, window in zip(module.bindings, module._windows):
+                if binding is not None and binding.status == 'bound' and \
+                        window.nbytes():
+                    # the ring buffer holds `capacity` entries from the
+                    # first record on
+                    w = binding.producer.weight
+                    stored += w.numel() * w.element_size() * window.capacity
+                    state += window.nbytes()
+        elif hasattr(module, 'history') and module.history:  # authors'
+            w = module.history[0][0]
+            stored += w.numel() * w.element_size() * len(module.history)
+            state += module.window_state_nbytes()
+    return state / stored if stored else None
 
 
 def window_bytes(model):
@@ -214,7 +229,7 @@ def measure_memory_child(kind, variant, args):
     else:
         model, step = make_detector_step(variant, args.det_size)
         window = 8  # burn-in of 3 + window of 4
-    for _ in range(window + 1):
+    for _ in range(2 if args.quick else window + 1):
         step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps(dict(peak_mb=peak / 1024, model_mb=before / 1024,
@@ -231,10 +246,11 @@ def main():
     parser.add_argument('--no-detector', action='store_true')
     parser.add_argument('--measure-memory', nargs=2, metavar=('KIND', 'V'))
     args = parser.parse_args()
+    # --quick is a smoke test of every code path (timings meaningless)
     args.depth = 18 if args.quick else 50
-    args.size = 64 if args.quick else 224
+    args.size = 32 if args.quick else 224
     args.det_size = 64 if args.quick else 320
-    reps = args.reps or (2 if args.quick else 7)
+    reps = args.reps or (1 if args.quick else 7)
     if args.measure_memory:
         return measure_memory_child(*args.measure_memory, args)
     register_authors()
@@ -258,18 +274,11 @@ def main():
                    step_ms=1e3 * times[name], ratio_to_bn=times[name] / bn,
                    extra_ms=1e3 * extra)
         model = models[name]
-        stored = NORMS[name].get('window', 1) - 1
-        wbytes = window_bytes(model)
-        row['window_state_mb'] = wbytes / 2**20
-        if stored > 0 and name.startswith('CBN'):
-            per_iter = conv_weight_bytes_of_bound(model) * stored
-            row['window_state_per_weight'] = wbytes / per_iter
-        elif name.startswith('authors'):
-            conv_bytes = sum(
-                m.weight.numel() * 4 for m in model.modules()
-                if isinstance(m, nn.Conv2d))
-            row['window_state_per_weight'] = wbytes / (conv_bytes * stored)
-        if not args.quick or name in ('BN', 'CBN w8'):
+        row['window_state_mb'] = window_bytes(model) / 2**20
+        ratio = state_per_weight(model)
+        if ratio is not None:
+            row['window_state_per_weight'] = ratio
+        if not args.quick or name == 'CBN w8':
             row.update(peak_memory('resnet', name, args))
         rows.append(row)
     cbn8 = times['CBN w8'] - bn
@@ -288,7 +297,7 @@ def main():
             det_models[norm], det_steps[norm] = make_detector_step(
                 norm, args.det_size)
         # burn-in (3 iterations) + window (4) before timing
-        det_times = run_round_robin(det_steps, 8, reps)
+        det_times = run_round_robin(det_steps, 1 if args.quick else 8, reps)
         for norm, t in det_times.items():
             row = dict(model='Faster R-CNN R50-FPN', norm=norm.upper(),
                        step_ms=1e3 * t, ratio_to_bn=t / det_times['bn'],

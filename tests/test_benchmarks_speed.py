@@ -1,6 +1,7 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
 """The speed benchmarks' --quick modes run and report sane numbers."""
 import json
+import os
 import os.path as osp
 import subprocess
 import sys
@@ -13,7 +14,8 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 def run_quick(script, out):
     proc = subprocess.run(
         [sys.executable, osp.join(ROOT, 'benchmarks', script), '--quick',
-         '--out', str(out)], capture_output=True, text=True, timeout=900)
+         '--out', str(out)], capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, OMP_WAIT_POLICY='PASSIVE'))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -29,8 +31,8 @@ def test_train_speed_quick(tmp_path):
     rows = {r['norm']: r for r in result['resnet']}
     assert all(r['step_ms'] > 0 for r in rows.values())
     # exact, load-independent facts: state per stored iteration
-    assert rows['CBN w8']['window_state_per_weight'] <= 1.05
-    assert rows['authors w8']['window_state_per_weight'] >= 2.9
+    assert 1.0 <= rows['CBN w8']['window_state_per_weight'] <= 1.05
+    assert rows['authors w8']['window_state_per_weight'] >= 2.99
     assert rows['CBN w1']['window_state_mb'] == 0
     assert rows['CBN w8']['peak_mb'] > 0
     assert result['summary']['floor_products'] == 20  # ResNet-18 convs
