@@ -37,6 +37,21 @@ def config_scope(cfg: Config) -> str:
     return scope
 
 
+def add_common_args(parser) -> None:
+    """The options tools/train.py and tools/test.py share with mmdet's."""
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config, xxx=yyy format')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
 def default_work_dir(config_path: str) -> str:
     """``./work_dirs/<config name>``, as mmdet's tools choose it."""
     return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])

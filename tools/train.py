@@ -16,7 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mmcbn  # noqa: E402,F401  (CBN, CBNHook, safe checkpoint loading)
-from mmcbn.runner_setup import (DictAction, apply_common_args,  # noqa: E402
+from mmcbn.runner_setup import (add_common_args,  # noqa: E402
+                                apply_common_args,
                                 apply_resume, enable_amp)
 
 
@@ -41,17 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         const='auto',
         help='resume from the given checkpoint, or without a path from the '
         'latest checkpoint in the work directory')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override settings of the config, xxx=yyy format')
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    add_common_args(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
