@@ -1,0 +1,114 @@
+# Copyright (c) mmcbn contributors. All rights reserved.
+"""The --quick modes of benchmarks/stats_error.py and small_batch.py."""
+import json
+import math
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+pytest.importorskip('sklearn', reason='the benchmarks use scikit-learn\'s '
+                    'bundled digits data set')
+pytest.importorskip('matplotlib')
+
+
+def run_quick(script, tmp_path):
+    out = tmp_path / 'out'
+    env = dict(os.environ, OMP_NUM_THREADS='1', MPLBACKEND='Agg')
+    proc = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', script), '--quick',
+         '--out', str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stem = script[:-3]
+    assert (out / f'{stem}_quick.png').stat().st_size > 1000
+    with open(out / f'{stem}_quick.json') as f:
+        return json.load(f), proc.stdout
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+ERRORS = ('naive_mean', 'naive_var', 'comp_mean', 'comp_var',
+          'prodexact_var')
+
+
+def test_stats_error_quick(tmp_path):
+    data, stdout = run_quick('stats_error.py', tmp_path)
+    assert data['benchmark'] == 'stats_error'
+    assert data['config']['quick'] is True
+    for key in ('date', 'platform', 'torch', 'command'):
+        assert key in data['machine']
+    summary = data['summary']
+    names = [t['name'] for t in data['trajectories']]
+    assert len(names) == 2 and names[0] == 'lr 0.1'
+    for name in names:
+        by_lag = summary['by_lag'][name]
+        assert set(by_lag) == {'early', 'after burn-in'}
+        for regime in by_lag.values():
+            assert sorted(int(k) for k in regime) == list(range(1, 8))
+            for agg in regime.values():
+                for c in ERRORS + ('ratio_mean', 'ratio_var'):
+                    assert finite(agg[c]) and agg[c] >= 0, (c, agg)
+        n_layers = data['config']['model']['norm_layers']
+        assert len(summary['by_layer'][name]) == n_layers
+        assert all(finite(v['comp_mean'])
+                   for v in summary['by_layer'][name].values())
+        assert summary['by_t'][name]
+        assert finite(summary['weight_change'][name]['after_burnin'])
+    for traj in data['trajectories']:
+        # The numbers read from the mmcbn layers agree with an independent
+        # recomputation, and replaying a batch reproduces what was recorded.
+        assert traj['crosscheck_max_rel'] < 1e-3
+        assert traj['lag0_check_max_rel'] < 1e-4
+    # Compensation must beat the naive window on average at a realistic lr
+    # after burn-in (for both statistics), and be exact for the mean of the
+    # first layer, whose input does not depend on any parameter.
+    main = summary['overall']['lr 0.1']['after burn-in']
+    assert main['comp_mean'] < main['naive_mean']
+    assert main['comp_var'] < main['naive_var']
+    first = summary['by_layer']['lr 0.1']['0']
+    assert first['comp_mean'] < 1e-3 * first['naive_mean']
+    assert first['comp_var'] < first['naive_var']
+    assert 'target' in data and set(data['target']) == set(names)
+    assert '| lag 7 |' in stdout
+
+
+def test_small_batch_quick(tmp_path):
+    data, stdout = run_quick('small_batch.py', tmp_path)
+    assert data['benchmark'] == 'small_batch'
+    assert 'load_digits' in data['config']['dataset']
+    summary = data['summary']
+    expected = {f'BN b{b}' for b in (2, 4, 8, 16, 32)} | {
+        'GN b2', 'GN b32', 'naive CBN b2 k8', 'naive CBN b4 k4',
+        'CBN b2 k8', 'CBN b4 k4'}
+    assert set(summary) == expected
+    seeds = data['config']['seeds']
+    assert len(seeds) >= 2
+    for name, v in summary.items():
+        assert len(v['accs']) == len(seeds)
+        for key in ('acc_mean', 'acc_std', 'acc_pop_mean', 'lr', 'seconds'):
+            assert finite(v[key]), (name, key)
+        assert 0 <= v['acc_mean'] <= 100
+        for r in data['runs'][name]:
+            assert finite(r['train_loss_last_epoch'])
+    # Same epochs for all: iterations scale inversely with the batch size,
+    # and the learning rate linearly with it.
+    n_train, epochs = data['config']['train_images'], data['config'][
+        'epochs']
+    for name, v in summary.items():
+        assert v['iterations'] == (n_train // v['batch']) * epochs, name
+    assert math.isclose(summary['BN b2']['lr'] * 16, summary['BN b32']['lr'])
+    cbn = summary['CBN b2 k8']
+    assert cbn['window'] == 8 and cbn['compensate'] is True
+    assert 0 < cbn['burnin'] < cbn['iterations']
+    assert summary['naive CBN b2 k8']['compensate'] is False
+    assert summary['CBN b4 k4']['window'] == 4
+    for c in data['checks'].values():
+        assert finite(c['diff']) and finite(c['se'])
+    assert 'CBN b2 k8' in stdout
