@@ -11,9 +11,10 @@ import pytest
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
-pytest.importorskip('sklearn', reason='the benchmarks use scikit-learn\'s '
-                    'bundled digits data set')
-pytest.importorskip('matplotlib')
+# installed by `make install` (requirements/tests.txt): the benchmarks use
+# scikit-learn's bundled digits data set and matplotlib for plots
+import matplotlib  # noqa: E402,F401
+import sklearn  # noqa: E402,F401
 
 
 def run_quick(script, tmp_path):
