@@ -193,7 +193,91 @@ def time_floor(model, step, reps):
         start = time.perf_counter()
         products()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), len(captured)
+    return statistics.median(times), len(captured), captured
+
+
+def time_fusion(captured, reps):
+    """What the floor would cost fused into the conv's own backward.
+
+    For every captured conv: (a) the backward the step runs anyway (input
+    and weight gradient of a ``grad_output``); (b) (a) plus the separate
+    d nu / d W product, what CBN does now; (c) the input gradient plus ONE
+    weight-gradient call over ``[grad_output, 2x/m]`` stacked along the
+    output channels (weight rows stacked likewise), which shares the
+    im2col/GEMM pass: the fusion the issue suggests. ``c - a`` is the
+    floor's marginal cost when fused.
+
+    Returns:
+        dict: Median milliseconds of (a), (b) and (c) over all convs.
+    """
+    from mmcbn.binding import _conv_weight_grad
+    cases = []
+    for x, inp, prod in captured:
+        grad = torch.randn_like(x)
+        m = x.numel() // x.shape[1]
+        w = prod.weight
+        nd = inp.dim() - 2
+        conv = (list(prod.stride), list(prod.padding), list(prod.dilation),
+                False, [0] * nd, prod.groups)
+        both = torch.cat([grad, x * (2.0 / m)], 1)
+        w2 = torch.cat([w, w], 0)
+        cases.append((grad, x, inp, w, both, w2, conv, prod))
+
+    def regular():
+        for grad, x, inp, w, both, w2, conv, prod in cases:
+            torch.ops.aten.convolution_backward(grad, inp, w, None, *conv,
+                                                [True, True, False])
+
+    def separate():
+        for grad, x, inp, w, both, w2, conv, prod in cases:
+            torch.ops.aten.convolution_backward(grad, inp, w, None, *conv,
+                                                [True, True, False])
+            _conv_weight_grad(x, inp, w.shape, prod)
+
+    def fused():
+        for grad, x, inp, w, both, w2, conv, prod in cases:
+            if prod.groups == 1:
+                torch.ops.aten.convolution_backward(grad, inp, w, None,
+                                                    *conv,
+                                                    [True, False, False])
+                torch.ops.aten.convolution_backward(both, inp, w2, None,
+                                                    *conv,
+                                                    [False, True, False])
+            else:  # stacking rows breaks the group layout: not fused
+                torch.ops.aten.convolution_backward(grad, inp, w, None,
+                                                    *conv,
+                                                    [True, True, False])
+                _conv_weight_grad(x, inp, w.shape, prod)
+
+    # the stacked call computes the same two gradients
+    err = 0.0
+    with torch.no_grad():
+        for grad, x, inp, w, both, w2, conv, prod in cases:
+            if prod.groups != 1:
+                continue
+            ref_w = torch.ops.aten.convolution_backward(
+                grad, inp, w, None, *conv, [False, True, False])[1]
+            ref_g = _conv_weight_grad(x, inp, w.shape, prod) * (
+                2.0 / (x.numel() // x.shape[1]))
+            got = torch.ops.aten.convolution_backward(
+                both, inp, w2, None, *conv, [False, True, False])[1]
+            for ref, part in ((ref_w, got[:len(w)]), (ref_g, got[len(w):])):
+                err = max(err, ((part - ref).norm() /
+                                ref.norm().clamp_min(1e-30)).item())
+    fns = dict(regular=regular, separate=separate, fused=fused)
+    times = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(reps):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    out = {f'{name}_ms': 1e3 * statistics.median(t)
+           for name, t in times.items()}
+    out['fused_max_rel_diff'] = err
+    return out
 
 
 def run_round_robin(steps, warmup, reps):
@@ -274,7 +358,10 @@ def main():
     # warm-up fills every window (16 iterations for the largest)
     warmup = 3 if args.quick else 17
     times = run_round_robin(steps, warmup, reps)
-    floor, n_products = time_floor(models['CBN w8'], steps['CBN w8'], reps)
+    floor, n_products, captured = time_floor(models['CBN w8'],
+                                             steps['CBN w8'], reps)
+    fusion = time_fusion(captured, reps)
+    del captured
     bn = times['BN']
     rows = []
     for name in NORMS:
@@ -297,7 +384,14 @@ def main():
         floor_products=n_products,
         efficiency_w8=floor / cbn8 if cbn8 > 0 else float('inf'),
         cbn8_extra_over_authors_extra=cbn8 / authors,
-        w16_over_w2=times['CBN w16'] / times['CBN w2'])
+        w16_over_w2=times['CBN w16'] / times['CBN w2'],
+        fusion=dict(
+            fusion,
+            floor_separate_ms=fusion['separate_ms'] - fusion['regular_ms'],
+            floor_fused_ms=fusion['fused_ms'] - fusion['regular_ms']))
+    summary['fusion']['efficiency_w8_if_fused'] = (
+        floor / (cbn8 - floor + summary['fusion']['floor_fused_ms'] / 1e3)
+        if cbn8 > 0 else float('inf'))
 
     det_rows = []
     if not args.no_detector:
@@ -346,6 +440,13 @@ def print_table(result):
           f"BN) = {s['efficiency_w8']:.2f}; CBN w8 extra / authors w8 "
           f"extra = {s['cbn8_extra_over_authors_extra']:.2f}; w16 / w2 = "
           f"{s['w16_over_w2']:.3f}")
+    f = s['fusion']
+    print(f"fusion (all {s['floor_products']} convs): conv backward "
+          f"{f['regular_ms']:.0f} ms; + separate d nu/dW "
+          f"{f['separate_ms']:.0f} ms (floor {f['floor_separate_ms']:.0f} "
+          f"ms); fused weight-gradient call {f['fused_ms']:.0f} ms (floor "
+          f"{f['floor_fused_ms']:.0f} ms); efficiency at w8 if CBN's floor "
+          f"were fused: {f['efficiency_w8_if_fused']:.2f}")
 
 
 def plot(result, path):

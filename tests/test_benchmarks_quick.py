@@ -113,3 +113,65 @@ def test_small_batch_quick(tmp_path):
     for c in data['checks'].values():
         assert finite(c['diff']) and finite(c['se'])
     assert 'CBN b2 k8' in stdout
+
+
+def test_stats_error_det_quick(tmp_path):
+    data, stdout = run_quick('stats_error_det.py', tmp_path)
+    assert data['benchmark'] == 'stats_error_det'
+    assert data['config']['quick'] is True
+    # Replaying batch 0 at unchanged parameters (with its random state, so
+    # the RPN/RoI samplers draw the same) reproduces what was recorded.
+    assert data['lag0_check_max_rel'] < 1e-4
+    names = data['layer_names']
+    # CBN everywhere in the demo detector: backbone, FPN, box and mask heads
+    groups = set(data['summary']['by_group'])
+    assert {'backbone', 'neck', 'bbox_head', 'mask_head'} <= groups
+    assert len(data['summary']['by_layer']) == len(names)
+    for regime in data['summary']['by_lag'].values():
+        assert sorted(int(k) for k in regime) == list(range(1, 8))
+        for agg in regime.values():
+            for c in ERRORS + ('ratio_mean', 'ratio_var'):
+                assert finite(agg[c]) and agg[c] >= 0, (c, agg)
+    # the first norm layer's producer (the stem conv) sees the raw image:
+    # compensating its weight change makes the mean exact
+    first = data['summary']['by_layer']['0']
+    assert names[0].startswith('backbone')
+    assert first['comp_mean'] < 1e-3 * first['naive_mean']
+    late = data['summary']['overall']['after burn-in']
+    assert late['comp_mean'] < late['naive_mean']
+    assert set(data['target']) == {'min_ratio_mean', 'min_ratio_var', 'met'}
+    assert '| lag 7 |' in stdout
+
+
+def test_demo_tasks_quick(tmp_path):
+    env = dict(os.environ, MPLBACKEND='Agg')
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    proc = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'demo_tasks.py'),
+         '--quick', '--out', str(out), '--work-dir', str(work)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / 'demo_tasks_quick.png').stat().st_size > 1000
+    with open(out / 'demo_tasks_quick.json') as f:
+        data = json.load(f)
+    assert data['benchmark'] == 'demo_tasks'
+    runs = data['runs']
+    assert sorted(r['norm'] for r in runs) == ['bn', 'cbn', 'gn']
+    for r in runs:
+        assert r['task'] == 'seg' and r['seed'] == 0
+        assert 0 <= r['metrics']['mIoU'] <= 100
+        assert finite(r['train_seconds'])
+        # each run trained its own config and left its checkpoint
+        assert r['config'] == f'configs/demo/fcn_r18-d8_{r["norm"]}_demo.py'
+        assert (work / f'seg_{r["norm"]}_seed0' / 'iter_6.pth').is_file()
+    assert set(data['summary']) == {'seg/bn', 'seg/gn', 'seg/cbn'}
+    assert 'seg: mIoU (%) CBN - BN' in data['paired_differences']
+    assert '| CBN |' in proc.stdout
+    # a finished run is reused, not trained again
+    again = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'demo_tasks.py'),
+         '--quick', '--out', str(out), '--work-dir', str(work),
+         '--norms', 'cbn'],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert 'reusing' in again.stdout

@@ -38,6 +38,12 @@ def test_train_speed_quick(tmp_path):
     assert result['summary']['floor_products'] == 20  # ResNet-18 convs
     assert [r['norm'] for r in result['detector']] == ['BN', 'GN', 'CBN']
     assert 'efficiency at w8' in stdout
+    fusion = result['summary']['fusion']
+    # one weight-gradient call over [grad, 2x/m] gives both gradients
+    assert fusion['fused_max_rel_diff'] < 1e-4
+    assert all(fusion[k] > 0 for k in ('regular_ms', 'separate_ms',
+                                       'fused_ms'))
+    assert 'fused weight-gradient call' in stdout
 
 
 def test_inference_speed_quick(tmp_path):

@@ -1,0 +1,356 @@
+# Copyright (c) mmcbn contributors. All rights reserved.
+"""Detection and segmentation at 2 images per iteration: BN vs GN vs CBN.
+
+The demo models (``configs/demo/``: Mask R-CNN ResNet-18/FPN and FCN
+ResNetV1c-18-d8, trained from scratch) on the demo's generated data
+(``tools/make_demo_data.py``), each config in its BN, GN and CBN variant,
+which differ only in the norm layers. Every (task, norm, seed) is one
+training run with mmengine's Runner followed by a test of the final model
+in the same process, with ``randomness.seed`` set to the seed: the same
+schedule and the same seeds for every norm, so the seeds are paired (seed
+``s`` draws the same data order and, where shapes agree, the same initial
+weights for each norm). The demo configs' schedules are used unchanged
+(validation during training off, as in ``make demo``).
+
+Runs are independent processes (``--jobs`` at a time, each with
+``--threads`` torch threads); a finished run is not repeated when its
+result file exists in ``--work-dir`` (delete it to rerun).
+
+    python benchmarks/demo_tasks.py             # 3 seeds x 3 norms x 2 tasks
+    python benchmarks/demo_tasks.py --quick     # smoke test (< 1 min)
+
+Writes ``demo_tasks.json`` and ``demo_tasks.png`` into ``--out``.
+"""
+import argparse
+import json
+import math
+import os
+import os.path as osp
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from common import (DEFAULT_OUT, ROOT, machine_info,  # noqa: E402
+                    markdown_table, save_png, write_json)
+
+sys.path.insert(0, ROOT)
+sys.path.insert(0, osp.join(ROOT, 'tools'))
+import demo  # noqa: E402
+import make_demo_data  # noqa: E402
+
+NORMS = ('bn', 'gn', 'cbn')
+TASKS = ('det', 'seg')
+#: The metric reported per task (first) and the others kept in the JSON.
+METRICS = {
+    'det': ('coco/bbox_mAP', 'coco/segm_mAP', 'coco/bbox_mAP_50',
+            'coco/segm_mAP_50'),
+    'seg': ('mIoU', 'mAcc', 'aAcc'),
+}
+LABELS = {
+    'coco/bbox_mAP': 'bbox mAP',
+    'coco/segm_mAP': 'mask mAP',
+    'coco/bbox_mAP_50': 'bbox mAP@50',
+    'coco/segm_mAP_50': 'mask mAP@50',
+    'mIoU': 'mIoU (%)',
+    'mAcc': 'mAcc (%)',
+    'aAcc': 'aAcc (%)',
+}
+
+
+def run_options(task: str, norm: str, seed: int, data_root: str,
+                quick: bool) -> List[str]:
+    """``--cfg-options`` of one run: data, schedule (``make demo``'s, or its
+    ``--quick`` one) and seed."""
+    opts = (demo._data_options(task, data_root, 'train') +
+            demo._data_options(task, data_root, 'test') +
+            demo._schedule_options(task, quick, norm) +
+            demo._quick_test_options(task, quick) +
+            [f'randomness.seed={seed}'])
+    return opts
+
+
+def child_main(task: str, norm: str, seed: int, work_dir: str,
+               data_root: str, quick: bool, result_file: str) -> None:
+    """One run, in this process: train, then test the final model."""
+    from mmengine.config import Config, DictAction
+    from mmengine.runner import Runner
+
+    import mmcbn  # noqa: F401
+    from mmcbn.runner_setup import apply_common_args
+
+    config = demo._config(demo.DET_CONFIG if task == 'det' else
+                          demo.SEG_CONFIG, norm)
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    options = parser.parse_args(
+        ['--cfg-options'] +
+        run_options(task, norm, seed, data_root, quick)).cfg_options
+    cfg = Config.fromfile(config)
+    apply_common_args(
+        cfg,
+        config_path=config,
+        launcher='none',
+        work_dir=work_dir,
+        cfg_options=options)
+    start = time.perf_counter()
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    train_s = time.perf_counter() - start
+    metrics = runner.test()
+    test_s = time.perf_counter() - start - train_s
+    result = dict(
+        task=task,
+        norm=norm,
+        seed=seed,
+        config=osp.relpath(config, ROOT),
+        train_seconds=round(train_s, 1),
+        test_seconds=round(test_s, 1),
+        metrics={k: float(metrics[k])
+                 for k in METRICS[task] if k in metrics})
+    tmp = result_file + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, result_file)
+
+
+def launch(task: str, norm: str, seed: int, args) -> Dict:
+    """Run one (task, norm, seed) in a subprocess, or reuse its result."""
+    name = f'{task}_{norm}_seed{seed}'
+    work_dir = osp.join(args.work_dir, name)
+    result_file = osp.join(work_dir, 'result.json')
+    if osp.isfile(result_file):
+        with open(result_file) as f:
+            print(f'[{name}] reusing {osp.relpath(result_file)}', flush=True)
+            return json.load(f)
+    os.makedirs(work_dir, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+               MKL_NUM_THREADS=str(args.threads))
+    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    cmd = [
+        sys.executable,
+        osp.abspath(__file__), '--child', task, norm,
+        str(seed), '--work-dir', work_dir, '--data-root', args.data_root
+    ] + (['--quick'] if args.quick else [])
+    print(f'[{name}] started', flush=True)
+    start = time.perf_counter()
+    with open(osp.join(work_dir, 'stdout.log'), 'w') as log:
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not osp.isfile(result_file):
+        raise RuntimeError(
+            f'run {name} failed (exit status {proc.returncode}); see '
+            f'{osp.join(work_dir, "stdout.log")}')
+    with open(result_file) as f:
+        result = json.load(f)
+    print(f'[{name}] done in {time.perf_counter() - start:.0f} s: '
+          f'{result["metrics"]}', flush=True)
+    return result
+
+
+def summarize(runs: List[Dict], tasks, norms) -> Dict:
+    """Mean, sample std and per-seed values of every metric."""
+    summary = {}
+    for task in tasks:
+        for norm in norms:
+            mine = sorted((r for r in runs
+                           if r['task'] == task and r['norm'] == norm),
+                          key=lambda r: r['seed'])
+            if not mine:
+                continue
+            entry = dict(
+                seeds=[r['seed'] for r in mine],
+                train_seconds=statistics.fmean(r['train_seconds']
+                                               for r in mine))
+            for metric in METRICS[task]:
+                values = [r['metrics'][metric] for r in mine]
+                entry[metric] = dict(
+                    mean=statistics.fmean(values),
+                    std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                    values=values)
+            summary[f'{task}/{norm}'] = entry
+    return summary
+
+
+def paired_differences(summary: Dict, tasks, norms) -> Dict:
+    """Per-seed CBN minus BN and CBN minus GN of each task's metrics."""
+    out = {}
+    for task in tasks:
+        cbn = summary.get(f'{task}/cbn')
+        if cbn is None:
+            continue
+        for other in norms:
+            base = summary.get(f'{task}/{other}')
+            if other == 'cbn' or base is None or \
+                    base['seeds'] != cbn['seeds']:
+                continue
+            for metric in METRICS[task][:2]:
+                diffs = [
+                    a - b for a, b in zip(cbn[metric]['values'],
+                                          base[metric]['values'])
+                ]
+                out[f'{task}: {LABELS[metric]} CBN - {other.upper()}'] = dict(
+                    mean=statistics.fmean(diffs),
+                    wins=sum(d > 0 for d in diffs),
+                    seeds=len(diffs),
+                    values=diffs)
+    return out
+
+
+def tables(summary: Dict, diffs: Dict, tasks, norms) -> str:
+    rows = []
+    shown = [(task, m) for task in tasks for m in METRICS[task][:2]]
+    for norm in norms:
+        row = [norm.upper()]
+        for task, metric in shown:
+            e = summary.get(f'{task}/{norm}')
+            row.append('-' if e is None else
+                       f'{e[metric]["mean"]:.3g} ± {e[metric]["std"]:.2g}')
+        row.append(' / '.join(
+            f'{summary[f"{t}/{norm}"]["train_seconds"]:.0f}' for t in tasks
+            if f'{t}/{norm}' in summary))
+        rows.append(row)
+    text = markdown_table(['norm'] + [LABELS[m] for _, m in shown] +
+                          ['train s (' + ' / '.join(tasks) + ')'], rows)
+    if diffs:
+        text += '\n\n' + markdown_table(
+            ['paired difference', 'mean', 'CBN ahead', 'per seed'],
+            [[k, f'{v["mean"]:+.3g}', f'{v["wins"]}/{v["seeds"]}',
+              ', '.join(f'{d:+.3g}' for d in v['values'])]
+             for k, v in diffs.items()])
+    return text
+
+
+def plot(summary: Dict, tasks, norms, path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    shown = [(task, m) for task in tasks for m in METRICS[task][:2]]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4))
+    axes = [axes] if len(shown) == 1 else list(axes)
+    colors = {'bn': '#4c72b0', 'gn': '#55a868', 'cbn': '#c44e52'}
+    for ax, (task, metric) in zip(axes, shown):
+        for i, norm in enumerate(norms):
+            e = summary.get(f'{task}/{norm}')
+            if e is None:
+                continue
+            v = e[metric]
+            ax.bar(i, v['mean'], yerr=v['std'], color=colors[norm],
+                   alpha=0.6, capsize=4)
+            ax.plot([i] * len(v['values']), v['values'], 'k.', ms=5)
+        ax.set_xticks(range(len(norms)))
+        ax.set_xticklabels([n.upper() for n in norms])
+        lows = [min(summary[f'{task}/{n}'][metric]['values']) for n in norms
+                if f'{task}/{n}' in summary]
+        highs = [max(summary[f'{task}/{n}'][metric]['values']) for n in norms
+                 if f'{task}/{n}' in summary]
+        span = max(highs) - min(lows) or 1.0
+        ax.set_ylim(max(0.0, min(lows) - span), max(highs) + 0.5 * span)
+        ax.set_title(f'{"Mask R-CNN" if task == "det" else "FCN"}: '
+                     f'{LABELS[metric]}', fontsize=9)
+        ax.grid(axis='y', alpha=0.3)
+    n_seeds = max(len(e['seeds']) for e in summary.values())
+    fig.suptitle('Demo data, 2 images per iteration, from scratch '
+                 f'(mean ± std over {n_seeds} seeds; dots: seeds)',
+                 fontsize=9)
+    fig.tight_layout()
+    save_png(fig, path)
+    plt.close(fig)
+
+
+def main(argv=None) -> Dict:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--out', default=DEFAULT_OUT)
+    parser.add_argument('--quick', action='store_true',
+                        help='one seed, a few segmentation iterations on '
+                        'tiny data (smoke test)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--norms', nargs='+', choices=NORMS,
+                        default=list(NORMS))
+    parser.add_argument('--tasks', nargs='+', choices=TASKS,
+                        default=list(TASKS))
+    parser.add_argument('--jobs', type=int, default=2,
+                        help='runs at a time (default: %(default)s)')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch threads per run (default: %(default)s)')
+    parser.add_argument('--work-dir', help='runs go here (default: '
+                        'work_dirs/demo_tasks[_quick])')
+    parser.add_argument('--data-root', help='demo data (default: data/demo, '
+                        'or WORK_DIR/data with --quick); generated if absent')
+    parser.add_argument('--data-seed', type=int, default=0,
+                        help='seed of the generated data (default: 0)')
+    parser.add_argument('--child', nargs=3, metavar=('TASK', 'NORM', 'SEED'),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        parser.error(f'--jobs and --threads must be >= 1, got '
+                     f'{args.jobs} and {args.threads}')
+    if args.child:
+        task, norm, seed = args.child
+        child_main(task, norm, int(seed), args.work_dir, args.data_root,
+                   args.quick, osp.join(args.work_dir, 'result.json'))
+        return {}
+
+    if args.quick:
+        args.seeds, args.tasks = args.seeds[:1], ['seg']
+    suffix = '_quick' if args.quick else ''
+    args.work_dir = osp.abspath(args.work_dir or osp.join(
+        ROOT, 'work_dirs', f'demo_tasks{suffix}'))
+    args.data_root = osp.abspath(args.data_root or (
+        osp.join(args.work_dir, 'data') if args.quick else osp.join(
+            ROOT, 'data', 'demo')))
+    sizes = demo.QUICK_DATA if args.quick else demo.FULL_DATA
+    if not make_demo_data.is_generated(args.data_root, args.data_seed,
+                                       **sizes):
+        make_demo_data.generate(args.data_root, args.data_seed, **sizes)
+    norms = [n for n in NORMS if n in args.norms]
+    tasks = [t for t in TASKS if t in args.tasks]
+    jobs = [(t, n, s) for s in args.seeds for t in tasks for n in norms]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(lambda j: launch(*j, args), jobs))
+    bad = [(r['task'], r['norm'], r['seed'], k, v) for r in runs
+           for k, v in r['metrics'].items() if not math.isfinite(v)]
+    if bad:
+        sys.exit(f'demo_tasks: non-finite metrics: {bad}')
+
+    summary = summarize(runs, tasks, norms)
+    diffs = paired_differences(summary, tasks, norms)
+    text = tables(summary, diffs, tasks, norms)
+    print(text)
+    data = dict(
+        benchmark='demo_tasks',
+        machine=machine_info(),
+        config=dict(
+            quick=args.quick,
+            seeds=args.seeds,
+            norms=norms,
+            tasks=tasks,
+            jobs=args.jobs,
+            threads_per_run=args.threads,
+            data=dict(root=osp.relpath(args.data_root, ROOT),
+                      seed=args.data_seed, **sizes),
+            configs={t: [demo._config(demo.DET_CONFIG if t == 'det' else
+                                      demo.SEG_CONFIG, n)
+                         for n in norms] for t in tasks},
+            images_per_iteration=2),
+        wall_seconds=round(time.perf_counter() - start, 1),
+        runs=runs,
+        summary=summary,
+        paired_differences=diffs,
+        table=text)
+    data['config']['configs'] = {
+        t: [osp.relpath(c, ROOT) for c in cs]
+        for t, cs in data['config']['configs'].items()
+    }
+    write_json(osp.join(args.out, f'demo_tasks{suffix}.json'), data)
+    plot(summary, tasks, norms, osp.join(args.out, f'demo_tasks{suffix}.png'))
+    return data
+
+
+if __name__ == '__main__':
+    main()
