@@ -22,6 +22,7 @@ result file exists in ``--work-dir`` (delete it to rerun).
 Writes ``demo_tasks.json`` and ``demo_tasks.png`` into ``--out``.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -42,7 +43,16 @@ sys.path.insert(0, osp.join(ROOT, 'tools'))
 import demo  # noqa: E402
 import make_demo_data  # noqa: E402
 
-NORMS = ('bn', 'gn', 'cbn')
+#: ``cbnw``: the CBN configs with ``running_stats_from='window'`` (eval
+#: statistics from the window; an ablation, see the README).
+NORMS = ('bn', 'gn', 'cbn', 'cbnw')
+#: Images per batch when statistics are re-estimated (``--population``).
+POPULATION_BATCH = 16
+#: Where the demo configs put their norm_cfg, per task.
+NORM_PARTS = {
+    'det': ('backbone', 'neck', 'roi_head.bbox_head', 'roi_head.mask_head'),
+    'seg': ('backbone', 'decode_head', 'auxiliary_head'),
+}
 TASKS = ('det', 'seg')
 #: The metric reported per task (first) and the others kept in the JSON.
 METRICS = {
@@ -65,25 +75,34 @@ def run_options(task: str, norm: str, seed: int, data_root: str,
                 quick: bool) -> List[str]:
     """``--cfg-options`` of one run: data, schedule (``make demo``'s, or its
     ``--quick`` one) and seed."""
+    config_norm = 'cbn' if norm == 'cbnw' else norm
     opts = (demo._data_options(task, data_root, 'train') +
             demo._data_options(task, data_root, 'test') +
-            demo._schedule_options(task, quick, norm) +
+            demo._schedule_options(task, quick, config_norm) +
             demo._quick_test_options(task, quick) +
             [f'randomness.seed={seed}'])
+    if norm == 'cbnw':
+        opts += [
+            f'model.{part}.norm_cfg.running_stats_from=window'
+            for part in NORM_PARTS[task]
+        ]
     return opts
 
 
-def child_main(task: str, norm: str, seed: int, work_dir: str,
-               data_root: str, quick: bool, result_file: str) -> None:
-    """One run, in this process: train, then test the final model."""
+def config_of(task: str, norm: str) -> str:
+    return demo._config(demo.DET_CONFIG if task == 'det' else
+                        demo.SEG_CONFIG, 'cbn' if norm == 'cbnw' else norm)
+
+
+def run_config(task: str, norm: str, seed: int, work_dir: str,
+               data_root: str, quick: bool):
+    """The config of one run, as ``tools/train.py`` would build it."""
     from mmengine.config import Config, DictAction
-    from mmengine.runner import Runner
 
     import mmcbn  # noqa: F401
     from mmcbn.runner_setup import apply_common_args
 
-    config = demo._config(demo.DET_CONFIG if task == 'det' else
-                          demo.SEG_CONFIG, norm)
+    config = config_of(task, norm)
     parser = argparse.ArgumentParser()
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     options = parser.parse_args(
@@ -96,6 +115,23 @@ def child_main(task: str, norm: str, seed: int, work_dir: str,
         launcher='none',
         work_dir=work_dir,
         cfg_options=options)
+    return cfg
+
+
+def _write_json(path: str, data: Dict) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def child_main(task: str, norm: str, seed: int, work_dir: str,
+               data_root: str, quick: bool, result_file: str) -> None:
+    """One run, in this process: train, then test the final model."""
+    from mmengine.runner import Runner
+
+    config = config_of(task, norm)
+    cfg = run_config(task, norm, seed, work_dir, data_root, quick)
     start = time.perf_counter()
     runner = Runner.from_cfg(cfg)
     runner.train()
@@ -111,17 +147,81 @@ def child_main(task: str, norm: str, seed: int, work_dir: str,
         test_seconds=round(test_s, 1),
         metrics={k: float(metrics[k])
                  for k in METRICS[task] if k in metrics})
-    tmp = result_file + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, result_file)
+    _write_json(result_file, result)
 
 
-def launch(task: str, norm: str, seed: int, args) -> Dict:
-    """Run one (task, norm, seed) in a subprocess, or reuse its result."""
+def reestimate_norm_stats(model, loader) -> int:
+    """Replace the running statistics of every BN/CBN layer by the average
+    of their batch statistics over one pass of ``loader`` in train mode
+    (no grad; CBN layers as BN), i.e. "precise BN". Returns the number of
+    layers."""
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    saved = []
+    for m in layers:
+        saved.append((m.momentum, getattr(m, 'window', None)))
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        if hasattr(m, 'window'):
+            m.window = 1
+    model.train()
+    with torch.no_grad():
+        for batch in loader:
+            model(**model.data_preprocessor(batch, True), mode='loss')
+    model.eval()
+    for m, (momentum, window) in zip(layers, saved):
+        m.momentum = momentum
+        if window is not None:
+            m.window = window
+    return len(layers)
+
+
+def child_population(task: str, norm: str, seed: int, work_dir: str,
+                     data_root: str, quick: bool, out_file: str) -> None:
+    """Test a finished run's checkpoint again after re-estimating its
+    normalization statistics on the training set, in batches of
+    ``POPULATION_BATCH`` images (a diagnostic: how much of a result is due
+    to the running statistics rather than the trained weights)."""
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    cfg = run_config(task, norm, seed, osp.join(work_dir, 'population'),
+                     data_root, quick)
+    cfg.load_from = demo._last_checkpoint(work_dir)
+    loader_cfg = copy.deepcopy(cfg.train_dataloader)
+    loader_cfg.batch_size = POPULATION_BATCH
+    loader_cfg.sampler = dict(type='DefaultSampler', shuffle=False)
+    runner = Runner.from_cfg(cfg)
+    counted = {}
+
+    class PopulationStats(Hook):
+
+        def before_test(self, runner) -> None:
+            loader = runner.build_dataloader(loader_cfg)
+            counted['layers'] = reestimate_norm_stats(runner.model, loader)
+            counted['images'] = len(loader.dataset)
+
+    runner.register_hook(PopulationStats(), priority='LOWEST')
+    metrics = runner.test()
+    _write_json(out_file, dict(
+        checkpoint=osp.relpath(cfg.load_from, ROOT),
+        batch_size=POPULATION_BATCH, **counted,
+        metrics={k: float(metrics[k]) for k in METRICS[task]
+                 if k in metrics}))
+
+
+def launch(task: str, norm: str, seed: int, args,
+           population: bool = False) -> Dict:
+    """Run one (task, norm, seed) in a subprocess, or reuse its result;
+    with ``population``, its re-estimated-statistics test instead."""
     name = f'{task}_{norm}_seed{seed}'
     work_dir = osp.join(args.work_dir, name)
-    result_file = osp.join(work_dir, 'result.json')
+    result_file = osp.join(work_dir, 'population.json' if population else
+                           'result.json')
+    if population:
+        name += ' (population statistics)'
     if osp.isfile(result_file):
         with open(result_file) as f:
             print(f'[{name}] reusing {osp.relpath(result_file)}', flush=True)
@@ -134,21 +234,30 @@ def launch(task: str, norm: str, seed: int, args) -> Dict:
         sys.executable,
         osp.abspath(__file__), '--child', task, norm,
         str(seed), '--work-dir', work_dir, '--data-root', args.data_root
-    ] + (['--quick'] if args.quick else [])
+    ] + (['--quick'] if args.quick else []) + (
+        ['--population'] if population else [])
     print(f'[{name}] started', flush=True)
     start = time.perf_counter()
-    with open(osp.join(work_dir, 'stdout.log'), 'w') as log:
+    log_name = 'population.log' if population else 'stdout.log'
+    with open(osp.join(work_dir, log_name), 'w') as log:
         proc = subprocess.run(
             cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not osp.isfile(result_file):
         raise RuntimeError(
             f'run {name} failed (exit status {proc.returncode}); see '
-            f'{osp.join(work_dir, "stdout.log")}')
+            f'{osp.join(work_dir, log_name)}')
     with open(result_file) as f:
         result = json.load(f)
     print(f'[{name}] done in {time.perf_counter() - start:.0f} s: '
           f'{result["metrics"]}', flush=True)
     return result
+
+
+def _stats(values: List[float]) -> Dict:
+    return dict(
+        mean=statistics.fmean(values),
+        std=statistics.stdev(values) if len(values) > 1 else 0.0,
+        values=values)
 
 
 def summarize(runs: List[Dict], tasks, norms) -> Dict:
@@ -166,37 +275,43 @@ def summarize(runs: List[Dict], tasks, norms) -> Dict:
                 train_seconds=statistics.fmean(r['train_seconds']
                                                for r in mine))
             for metric in METRICS[task]:
-                values = [r['metrics'][metric] for r in mine]
-                entry[metric] = dict(
-                    mean=statistics.fmean(values),
-                    std=statistics.stdev(values) if len(values) > 1 else 0.0,
-                    values=values)
+                entry[metric] = _stats([r['metrics'][metric] for r in mine])
+            if all('population' in r for r in mine):
+                entry['population'] = {
+                    metric: _stats([
+                        r['population']['metrics'][metric] for r in mine
+                    ])
+                    for metric in METRICS[task]
+                }
             summary[f'{task}/{norm}'] = entry
     return summary
 
 
-def paired_differences(summary: Dict, tasks, norms) -> Dict:
-    """Per-seed CBN minus BN and CBN minus GN of each task's metrics."""
+#: Display names.
+NAMES = {'bn': 'BN', 'gn': 'GN', 'cbn': 'CBN', 'cbnw': 'CBN-w'}
+#: The paired comparisons reported, (a, b): a minus b.
+PAIRS = (('cbn', 'bn'), ('cbn', 'gn'), ('cbnw', 'cbn'), ('cbnw', 'bn'))
+
+
+def paired_differences(summary: Dict, tasks) -> Dict:
+    """Per-seed differences (CBN - BN, CBN - GN, CBN-w - CBN, CBN-w - BN)
+    of each task's main metrics, over the seeds both runs have."""
     out = {}
     for task in tasks:
-        cbn = summary.get(f'{task}/cbn')
-        if cbn is None:
-            continue
-        for other in norms:
-            base = summary.get(f'{task}/{other}')
-            if other == 'cbn' or base is None or \
-                    base['seeds'] != cbn['seeds']:
+        for a, b in PAIRS:
+            ra, rb = summary.get(f'{task}/{a}'), summary.get(f'{task}/{b}')
+            if ra is None or rb is None or ra['seeds'] != rb['seeds']:
                 continue
             for metric in METRICS[task][:2]:
                 diffs = [
-                    a - b for a, b in zip(cbn[metric]['values'],
-                                          base[metric]['values'])
+                    x - y for x, y in zip(ra[metric]['values'],
+                                          rb[metric]['values'])
                 ]
-                out[f'{task}: {LABELS[metric]} CBN - {other.upper()}'] = dict(
-                    mean=statistics.fmean(diffs),
-                    wins=sum(d > 0 for d in diffs),
-                    seeds=len(diffs),
-                    values=diffs)
+                out[f'{task}: {LABELS[metric]} {NAMES[a]} - {NAMES[b]}'] = \
+                    dict(mean=statistics.fmean(diffs),
+                         wins=sum(d > 0 for d in diffs),
+                         seeds=len(diffs),
+                         values=diffs)
     return out
 
 
@@ -204,7 +319,7 @@ def tables(summary: Dict, diffs: Dict, tasks, norms) -> str:
     rows = []
     shown = [(task, m) for task in tasks for m in METRICS[task][:2]]
     for norm in norms:
-        row = [norm.upper()]
+        row = [NAMES[norm]]
         for task, metric in shown:
             e = summary.get(f'{task}/{norm}')
             row.append('-' if e is None else
@@ -215,9 +330,27 @@ def tables(summary: Dict, diffs: Dict, tasks, norms) -> str:
         rows.append(row)
     text = markdown_table(['norm'] + [LABELS[m] for _, m in shown] +
                           ['train s (' + ' / '.join(tasks) + ')'], rows)
+    pop_rows = []
+    for norm in norms:
+        entries = [summary.get(f'{task}/{norm}') for task, _ in shown]
+        if not any(e and 'population' in e for e in entries):
+            continue
+        pop_rows.append([NAMES[norm]] + [
+            f'{e["population"][m]["mean"]:.3g} ± '
+            f'{e["population"][m]["std"]:.2g} '
+            f'({e["population"][m]["mean"] - e[m]["mean"]:+.2g})'
+            if e and 'population' in e else '-'
+            for e, (_, m) in zip(entries, shown)
+        ])
+    if pop_rows:
+        text += ('\n\nEval statistics re-estimated on the training set '
+                 f'(batches of {POPULATION_BATCH}), change vs the running '
+                 'statistics in brackets:\n\n' + markdown_table(
+                     ['norm'] + [LABELS[m] for _, m in shown], pop_rows))
     if diffs:
         text += '\n\n' + markdown_table(
-            ['paired difference', 'mean', 'CBN ahead', 'per seed'],
+            ['paired difference a - b', 'mean', 'seeds a ahead',
+             'per seed'],
             [[k, f'{v["mean"]:+.3g}', f'{v["wins"]}/{v["seeds"]}',
               ', '.join(f'{d:+.3g}' for d in v['values'])]
              for k, v in diffs.items()])
@@ -232,7 +365,8 @@ def plot(summary: Dict, tasks, norms, path: str) -> None:
     shown = [(task, m) for task in tasks for m in METRICS[task][:2]]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4))
     axes = [axes] if len(shown) == 1 else list(axes)
-    colors = {'bn': '#4c72b0', 'gn': '#55a868', 'cbn': '#c44e52'}
+    colors = {'bn': '#4c72b0', 'gn': '#55a868', 'cbn': '#c44e52',
+              'cbnw': '#dd8452'}
     for ax, (task, metric) in zip(axes, shown):
         for i, norm in enumerate(norms):
             e = summary.get(f'{task}/{norm}')
@@ -243,7 +377,7 @@ def plot(summary: Dict, tasks, norms, path: str) -> None:
                    alpha=0.6, capsize=4)
             ax.plot([i] * len(v['values']), v['values'], 'k.', ms=5)
         ax.set_xticks(range(len(norms)))
-        ax.set_xticklabels([n.upper() for n in norms])
+        ax.set_xticklabels([NAMES[n] for n in norms])
         lows = [min(summary[f'{task}/{n}'][metric]['values']) for n in norms
                 if f'{task}/{n}' in summary]
         highs = [max(summary[f'{task}/{n}'][metric]['values']) for n in norms
@@ -270,7 +404,8 @@ def main(argv=None) -> Dict:
                         'tiny data (smoke test)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--norms', nargs='+', choices=NORMS,
-                        default=list(NORMS))
+                        default=['bn', 'gn', 'cbn'],
+                        help='cbnw: CBN with window running statistics')
     parser.add_argument('--tasks', nargs='+', choices=TASKS,
                         default=list(TASKS))
     parser.add_argument('--jobs', type=int, default=2,
@@ -283,6 +418,10 @@ def main(argv=None) -> Dict:
                         'or WORK_DIR/data with --quick); generated if absent')
     parser.add_argument('--data-seed', type=int, default=0,
                         help='seed of the generated data (default: 0)')
+    parser.add_argument('--population', action='store_true',
+                        help='also test every BN/CBN run again with its '
+                        'norm statistics re-estimated on the training set '
+                        f'(batches of {POPULATION_BATCH}; diagnostic)')
     parser.add_argument('--child', nargs=3, metavar=('TASK', 'NORM', 'SEED'),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -291,8 +430,13 @@ def main(argv=None) -> Dict:
                      f'{args.jobs} and {args.threads}')
     if args.child:
         task, norm, seed = args.child
-        child_main(task, norm, int(seed), args.work_dir, args.data_root,
-                   args.quick, osp.join(args.work_dir, 'result.json'))
+        if args.population:
+            child_population(task, norm, int(seed), args.work_dir,
+                             args.data_root, args.quick,
+                             osp.join(args.work_dir, 'population.json'))
+        else:
+            child_main(task, norm, int(seed), args.work_dir, args.data_root,
+                       args.quick, osp.join(args.work_dir, 'result.json'))
         return {}
 
     if args.quick:
@@ -313,13 +457,19 @@ def main(argv=None) -> Dict:
     start = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda j: launch(*j, args), jobs))
+        if args.population:
+            pop_jobs = [j for j in jobs if j[1] != 'gn']  # GN: no statistics
+            pops = pool.map(lambda j: launch(*j, args, population=True),
+                            pop_jobs)
+            for job, pop in zip(pop_jobs, pops):
+                runs[jobs.index(job)]['population'] = pop
     bad = [(r['task'], r['norm'], r['seed'], k, v) for r in runs
            for k, v in r['metrics'].items() if not math.isfinite(v)]
     if bad:
         sys.exit(f'demo_tasks: non-finite metrics: {bad}')
 
     summary = summarize(runs, tasks, norms)
-    diffs = paired_differences(summary, tasks, norms)
+    diffs = paired_differences(summary, tasks)
     text = tables(summary, diffs, tasks, norms)
     print(text)
     data = dict(
@@ -334,10 +484,12 @@ def main(argv=None) -> Dict:
             threads_per_run=args.threads,
             data=dict(root=osp.relpath(args.data_root, ROOT),
                       seed=args.data_seed, **sizes),
-            configs={t: [demo._config(demo.DET_CONFIG if t == 'det' else
-                                      demo.SEG_CONFIG, n)
-                         for n in norms] for t in tasks},
-            images_per_iteration=2),
+            configs={t: [config_of(t, n) for n in norms] for t in tasks},
+            cbnw_options='the CBN configs with --cfg-options '
+            'model.<part>.norm_cfg.running_stats_from=window for every '
+            'part that has a norm_cfg',
+            images_per_iteration=2,
+            population_batch=POPULATION_BATCH if args.population else None),
         wall_seconds=round(time.perf_counter() - start, 1),
         runs=runs,
         summary=summary,

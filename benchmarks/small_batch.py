@@ -62,6 +62,13 @@ def run_specs():
              kwargs=dict(window=8), burnin=True),
         dict(name='CBN b4 k4', norm='cbn', batch=4,
              kwargs=dict(window=4), burnin=True),
+        # ablation: eval statistics from the window, not the batch
+        dict(name='CBN b2 k8 wrs', norm='cbn', batch=2,
+             kwargs=dict(window=8, running_stats_from='window'),
+             burnin=True),
+        dict(name='CBN b4 k4 wrs', norm='cbn', batch=4,
+             kwargs=dict(window=4, running_stats_from='window'),
+             burnin=True),
     ]
     return specs
 
@@ -170,6 +177,8 @@ def summarize(results, specs):
             window=spec['kwargs'].get('window', 1),
             compensate=spec['kwargs'].get('compensate',
                                           spec['norm'] == 'cbn'),
+            running_stats_from=spec['kwargs'].get('running_stats_from',
+                                                  'batch'),
             acc_mean=m, acc_std=s, accs=accs,
             iterations=results[spec['name']][0]['iterations'],
             lr=results[spec['name']][0]['lr'],
@@ -220,25 +229,29 @@ def plot(summary, path, title):
         'naive': dict(marker='v', color='tab:red', label='naive CBN'),
         'cbn': dict(marker='*', color='tab:purple', label='CBN',
                     markersize=12),
+        'wrs': dict(marker='P', color='tab:orange',
+                    label='CBN, window running stats'),
     }
     seen = set()
     for name, v in summary.items():
         if v['norm'] == 'bn':
             continue
         key = 'gn' if v['norm'] == 'gn' else (
-            'cbn' if v['compensate'] else 'naive')
+            'naive' if not v['compensate'] else 'wrs' if v.get(
+                'running_stats_from', 'batch') == 'window' else 'cbn')
         st = dict(styles[key])
         if key in seen:
             st.pop('label')
         seen.add(key)
         # side by side at the same batch size (log axis)
-        x = v['batch'] * {'gn': 0.9, 'naive': 1.08, 'cbn': 1.17}[key]
+        x = v['batch'] * {'gn': 0.9, 'naive': 1.08, 'cbn': 1.17,
+                          'wrs': 1.27}[key]
         ax.errorbar([x], [v['acc_mean']], yerr=[v['acc_std']],
                     linestyle='none', capsize=3, **st)
         if v['norm'] == 'cbn':
             ax.annotate(f"k={v['window']}", (x, v['acc_mean']),
                         textcoords='offset points',
-                        xytext=(6, 3) if key == 'cbn' else (-30, -3),
+                        xytext=(-30, -3) if key == 'naive' else (6, 3),
                         fontsize=8, color=st['color'])
     ax.set_xscale('log', base=2)
     ax.set_xticks(sorted({v['batch'] for v in summary.values()}))
@@ -319,6 +332,10 @@ def main(argv=None):
         cbn_b4_vs_bn_b4=compare(summary, 'CBN b4 k4', 'BN b4'),
         cbn_b4_vs_naive_b4=compare(summary, 'CBN b4 k4', 'naive CBN b4 k4'),
         cbn_b4_vs_bn_b32=compare(summary, 'CBN b4 k4', 'BN b32'),
+        wrs_b2_vs_cbn_b2=compare(summary, 'CBN b2 k8 wrs', 'CBN b2 k8'),
+        wrs_b4_vs_cbn_b4=compare(summary, 'CBN b4 k4 wrs', 'CBN b4 k4'),
+        wrs_b2_vs_bn_b2=compare(summary, 'CBN b2 k8 wrs', 'BN b2'),
+        wrs_b4_vs_bn_b4=compare(summary, 'CBN b4 k4 wrs', 'BN b4'),
     )
     checks = {k: v for k, v in checks.items() if v is not None}
 

@@ -315,8 +315,8 @@ def plot(summary, names, path, burnin_iter):
             g = group_of(names[k])
             if g != prev:
                 ax.axvline(k - 0.5, color='k', lw=0.6, ls='--')
-                ax.text(k - 0.3, ax.get_ylim()[0], g, fontsize=7,
-                        rotation=90, va='bottom')
+                ax.text(k - 0.3, 0.03, g, fontsize=7, rotation=90,
+                        va='bottom', transform=ax.get_xaxis_transform())
                 prev = g
         ax.set_yscale('log')
         ax.set_xlabel('norm layer (forward order)')

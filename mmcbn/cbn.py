@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .binding import Binding, find_producer, in_backward
 from .functional import (batch_norm_with_stats, cross_iteration_norm,
-                         stats_dtype)
+                         stats_dtype, window_moments)
 from .window import WindowState, make_record
 
 
@@ -33,6 +33,10 @@ def _check_int(name: str, value, minimum: int) -> int:
         raise ValueError(
             f'CBN {name} must be an integer >= {minimum}, got {value!r}')
     return value
+
+
+#: Accepted values of ``running_stats_from``.
+RUNNING_STATS_SOURCES = ('batch', 'window')
 
 
 class _CrossIterationBatchNorm:
@@ -59,6 +63,14 @@ class _CrossIterationBatchNorm:
         compensate (bool): Apply the Taylor compensation. False gives "naive
             CBN" (stale statistics averaged as they are), for ablations.
             Defaults to True.
+        running_stats_from (str): What updates the running statistics used
+            in eval mode: ``'batch'``, the current batch's statistics as
+            ``nn.BatchNorm2d`` does (the method's convention), or
+            ``'window'``, the window statistics the layer normalized with
+            (mean and variance over the k iterations, so the variance also
+            holds the spread of the batch means, which the per-batch
+            variance misses). Identical during burn-in. Defaults to
+            ``'batch'``.
     """
 
     _abbr_ = 'bn'
@@ -74,6 +86,7 @@ class _CrossIterationBatchNorm:
                  burnin: Union[int, float] = 0,
                  burnin_by_epoch: bool = False,
                  compensate: bool = True,
+                 running_stats_from: str = 'batch',
                  device=None,
                  dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine,
@@ -90,9 +103,15 @@ class _CrossIterationBatchNorm:
         if not isinstance(compensate, bool):
             raise ValueError(
                 f'CBN compensate must be True or False, got {compensate!r}')
+        if running_stats_from not in RUNNING_STATS_SOURCES:
+            raise ValueError(
+                'CBN running_stats_from must be one of '
+                f'{", ".join(map(repr, RUNNING_STATS_SOURCES))}, got '
+                f'{running_stats_from!r}')
         self.burnin = burnin
         self.burnin_by_epoch = burnin_by_epoch
         self.compensate = compensate
+        self.running_stats_from = running_stats_from
         self.iters_per_epoch: Optional[int] = None
         #: Name in the model, for messages (set by CBNHook or the helpers).
         self.cbn_name: Optional[str] = None
@@ -232,10 +251,17 @@ class _CrossIterationBatchNorm:
             hist_var = torch.where(keep[:, None],
                                    (hist_nu - hist_mean.square()).clamp_(0),
                                    0.)
+            keep = keep.to(hist_mean.dtype)
             y, mean_t, var_t = cross_iteration_norm(
-                x, self.weight, self.bias, hist_mean, hist_var,
-                keep.to(hist_mean.dtype), self.eps)
-            self._update_running_stats(x, mean_t, var_t)
+                x, self.weight, self.bias, hist_mean, hist_var, keep,
+                self.eps)
+            if self.running_stats_from == 'window':
+                mean_bar, var_bar, k = window_moments(
+                    mean_t, var_t, hist_mean, hist_var, keep)
+                self._update_running_stats(x, mean_bar, var_bar,
+                                           batches=float(k))
+            else:
+                self._update_running_stats(x, mean_t, var_t)
         with torch.no_grad():
             xs = x.detach().to(stats_dtype(x))
             record = make_record(binding, xs, mean_t, var_t, self.compensate)
@@ -256,9 +282,14 @@ class _CrossIterationBatchNorm:
         return y, mean_t, var_t
 
     @torch.no_grad()
-    def _update_running_stats(self, x: Tensor, mean_t: Tensor,
-                              var_t: Tensor) -> None:
-        """Momentum update from the current batch, as nn.BatchNorm does.
+    def _update_running_stats(self,
+                              x: Tensor,
+                              mean_t: Tensor,
+                              var_t: Tensor,
+                              batches: float = 1.0) -> None:
+        """Momentum update, as nn.BatchNorm does, from the statistics of
+        ``batches`` batches of ``x``'s size (the current batch, or the
+        window); the variance is made unbiased over all their values.
 
         A non-finite batch statistic leaves the running statistics as they
         are (and warns) instead of poisoning them.
@@ -276,7 +307,7 @@ class _CrossIterationBatchNorm:
             factor = 1.0 / float(self.num_batches_tracked)
         else:
             factor = self.momentum
-        m = x.numel() // x.shape[1]
+        m = batches * (x.numel() // x.shape[1])
         unbiased = var_t * (m / (m - 1))
         self.running_mean.lerp_(mean_t.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
@@ -284,7 +315,9 @@ class _CrossIterationBatchNorm:
     def extra_repr(self) -> str:
         unit = ' epochs' if self.burnin_by_epoch else ''
         return (f'{super().extra_repr()}, window={self.window}, '
-                f'burnin={self.burnin}{unit}, compensate={self.compensate}')
+                f'burnin={self.burnin}{unit}, compensate={self.compensate}'
+                + ('' if self.running_stats_from == 'batch' else
+                   f', running_stats_from={self.running_stats_from!r}'))
 
 
 class CBN1d(_CrossIterationBatchNorm, nn.BatchNorm1d, _BatchNorm):

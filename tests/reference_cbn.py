@@ -34,8 +34,10 @@ class ReferenceCBN(nn.Module):
                  burnin: int = 0,
                  eps: float = 1e-5,
                  momentum: float = 0.1,
-                 compensate: bool = True):
+                 compensate: bool = True,
+                 running_stats_from: str = 'batch'):
         super().__init__()
+        self.running_stats_from = running_stats_from
         self.producer = producer
         self.window, self.burnin, self.eps = window, burnin, eps
         self.momentum, self.compensate = momentum, compensate
@@ -91,12 +93,17 @@ class ReferenceCBN(nn.Module):
         y = (x - mu_bar.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
         y = y * self.weight.view(shape) + self.bias.view(shape)
         with torch.no_grad():
-            m = x.numel() // x.shape[1]
-            batch_var = (nu_t - mu_t * mu_t) * m / (m - 1)
+            if self.running_stats_from == 'window':
+                # the statistics normalized with, over len(mus) batches
+                m = len(mus) * (x.numel() // x.shape[1])
+                new_mean, new_var = mu_bar, var * m / (m - 1)
+            else:
+                m = x.numel() // x.shape[1]
+                new_mean, new_var = mu_t, (nu_t - mu_t * mu_t) * m / (m - 1)
             self.running_mean.mul_(1 - self.momentum).add_(
-                self.momentum * mu_t)
+                self.momentum * new_mean)
             self.running_var.mul_(1 - self.momentum).add_(self.momentum *
-                                                          batch_var)
+                                                          new_var)
         self.history.append((t, inp.detach().clone(), now))
         self.history = self.history[-max(self.window, 1):]
         return y

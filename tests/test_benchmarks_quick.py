@@ -87,7 +87,7 @@ def test_small_batch_quick(tmp_path):
     summary = data['summary']
     expected = {f'BN b{b}' for b in (2, 4, 8, 16, 32)} | {
         'GN b2', 'GN b32', 'naive CBN b2 k8', 'naive CBN b4 k4',
-        'CBN b2 k8', 'CBN b4 k4'}
+        'CBN b2 k8', 'CBN b4 k4', 'CBN b2 k8 wrs', 'CBN b4 k4 wrs'}
     assert set(summary) == expected
     seeds = data['config']['seeds']
     assert len(seeds) >= 2
@@ -110,6 +110,9 @@ def test_small_batch_quick(tmp_path):
     assert 0 < cbn['burnin'] < cbn['iterations']
     assert summary['naive CBN b2 k8']['compensate'] is False
     assert summary['CBN b4 k4']['window'] == 4
+    assert summary['CBN b4 k4']['running_stats_from'] == 'batch'
+    assert summary['CBN b4 k4 wrs']['running_stats_from'] == 'window'
+    assert 'wrs_b4_vs_cbn_b4' in data['checks']
     for c in data['checks'].values():
         assert finite(c['diff']) and finite(c['se'])
     assert 'CBN b2 k8' in stdout
@@ -148,7 +151,8 @@ def test_demo_tasks_quick(tmp_path):
     out, work = tmp_path / 'out', tmp_path / 'work'
     proc = subprocess.run(
         [sys.executable, osp.join(ROOT, 'benchmarks', 'demo_tasks.py'),
-         '--quick', '--out', str(out), '--work-dir', str(work)],
+         '--quick', '--out', str(out), '--work-dir', str(work), '--norms',
+         'bn', 'gn', 'cbn', 'cbnw', '--population'],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / 'demo_tasks_quick.png').stat().st_size > 1000
@@ -156,16 +160,38 @@ def test_demo_tasks_quick(tmp_path):
         data = json.load(f)
     assert data['benchmark'] == 'demo_tasks'
     runs = data['runs']
-    assert sorted(r['norm'] for r in runs) == ['bn', 'cbn', 'gn']
+    assert sorted(r['norm'] for r in runs) == ['bn', 'cbn', 'cbnw', 'gn']
     for r in runs:
         assert r['task'] == 'seg' and r['seed'] == 0
         assert 0 <= r['metrics']['mIoU'] <= 100
         assert finite(r['train_seconds'])
         # each run trained its own config and left its checkpoint
-        assert r['config'] == f'configs/demo/fcn_r18-d8_{r["norm"]}_demo.py'
+        norm = 'cbn' if r['norm'] == 'cbnw' else r['norm']
+        assert r['config'] == f'configs/demo/fcn_r18-d8_{norm}_demo.py'
         assert (work / f'seg_{r["norm"]}_seed0' / 'iter_6.pth').is_file()
-    assert set(data['summary']) == {'seg/bn', 'seg/gn', 'seg/cbn'}
-    assert 'seg: mIoU (%) CBN - BN' in data['paired_differences']
+    # CBN-w is the CBN config with window running statistics everywhere
+    dumped = (work / 'seg_cbnw_seed0' / 'fcn_r18-d8_cbn_demo.py').read_text()
+    assert dumped.count("running_stats_from='window'") == 3
+    assert 'running_stats_from' not in (
+        work / 'seg_cbn_seed0' / 'fcn_r18-d8_cbn_demo.py').read_text()
+    assert set(data['summary']) == {'seg/bn', 'seg/gn', 'seg/cbn',
+                                    'seg/cbnw'}
+    # --population: the BN/CBN checkpoints tested again with statistics
+    # re-estimated on the 8 training images (GN has none to re-estimate)
+    for r in runs:
+        if r['norm'] == 'gn':
+            assert 'population' not in r
+            continue
+        pop = r['population']
+        assert pop['layers'] == 26 and pop['images'] == 8
+        assert pop['checkpoint'].endswith(
+            osp.join(f'seg_{r["norm"]}_seed0', 'iter_6.pth'))
+        assert 0 <= pop['metrics']['mIoU'] <= 100
+    assert 'population' in data['summary']['seg/cbn']
+    assert 'Eval statistics re-estimated' in proc.stdout
+    diffs = data['paired_differences']
+    assert {'seg: mIoU (%) CBN - BN', 'seg: mIoU (%) CBN-w - CBN'} <= set(
+        diffs)
     assert '| CBN |' in proc.stdout
     # a finished run is reused, not trained again
     again = subprocess.run(

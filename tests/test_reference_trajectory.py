@@ -57,11 +57,13 @@ class RefNet(nn.Module):
         return self.r2(F.relu(self.r1(x)))
 
 
-def build_pair(kind, window, burnin=0, compensate=True):
+def build_pair(kind, window, burnin=0, compensate=True,
+               running_stats_from='batch'):
     torch.manual_seed(0)
     p1, p2 = PRODUCERS[kind]()
     norm = CBN1d if kind == 'linear' else CBN2d
-    kw = dict(window=window, burnin=burnin, compensate=compensate)
+    kw = dict(window=window, burnin=burnin, compensate=compensate,
+              running_stats_from=running_stats_from)
     ours = Net(p1, norm(p1.out_features if kind == 'linear' else
                         p1.out_channels, **kw), p2,
                norm(p2.out_features if kind == 'linear' else
@@ -130,6 +132,19 @@ def test_matches_reference_along_sgd_trajectory(kind, window):
         bindings = ours.n1.bindings + ours.n2.bindings
         assert [b.status for b in bindings] == ['bound', 'bound']
     assert len(ours.n2._windows[0]) == window - 1
+
+
+@pytest.mark.parametrize('kind', ['conv_bias', 'linear', 'conv_groups'])
+def test_window_running_stats_match_reference(kind):
+    """running_stats_from='window': the eval statistics follow the window
+    mean and (unbiased, pooled) variance, from the end of burn-in on."""
+    ours, ref = build_pair(kind, window=4, burnin=5,
+                           running_stats_from='window')
+    assert_same_trajectory(ours, ref, train(ours, kind), train(ref, kind))
+    batch_ours, _ = build_pair(kind, window=4, burnin=5)
+    train(batch_ours, kind)
+    # and it is not the per-batch update (the test could fail)
+    assert not torch.allclose(ours.n2.running_var, batch_ours.n2.running_var)
 
 
 @pytest.mark.parametrize('kind', ['conv_bias', 'linear'])
