@@ -458,7 +458,9 @@ def main(argv=None) -> Dict:
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda j: launch(*j, args), jobs))
         if args.population:
-            pop_jobs = [j for j in jobs if j[1] != 'gn']  # GN: no statistics
+            # GN has no statistics to re-estimate; CBN-w trains the very
+            # weights CBN does (the option only changes the running stats)
+            pop_jobs = [j for j in jobs if j[1] in ('bn', 'cbn')]
             pops = pool.map(lambda j: launch(*j, args, population=True),
                             pop_jobs)
             for job, pop in zip(pop_jobs, pops):

@@ -214,9 +214,9 @@ class _CrossIterationBatchNorm:
             self._windows.append(WindowState(self.window - 1))
             self.bindings.append(None)
         state = self._windows[position]
-        window = self.window_at(iteration)
         if self.window == 1:  # BatchNorm: nothing to record or average
             return self._batch_norm(x)[0]
+        window = self.window_at(iteration)
 
         binding = find_producer(x)
         self.bindings[position] = binding

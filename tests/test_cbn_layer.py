@@ -345,3 +345,33 @@ def test_activation_checkpointing_is_consistent_batchnorm(reentrant, mmlogs):
     torch.testing.assert_close(cbn[1].running_mean, bn[1].running_mean)
     assert [m for m in mmlogs.messages if 'layer1.0.bn1' in m][0]
     assert cbn[1].bindings[0].status == 'unbound'
+
+
+def test_window_running_stats_change_only_the_running_statistics():
+    """running_stats_from='window' trains exactly as the default (same
+    outputs, gradients, weights) and differs in running_var only."""
+    batch = conv_cbn(window=4, burnin=2)
+    window = conv_cbn(window=4, burnin=2, running_stats_from='window')
+    out_b, grad_b = sgd_steps(batch, 6, lr=0.01)
+    out_w, grad_w = sgd_steps(window, 6, lr=0.01)
+    for a, b in zip(out_b + sum(grad_b, []), out_w + sum(grad_w, [])):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name in ('weight', 'bias'):
+        torch.testing.assert_close(getattr(batch[1], name),
+                                   getattr(window[1], name))
+    # the running statistics follow the window (values: the reference test)
+    assert not torch.allclose(window[1].running_var, batch[1].running_var)
+    torch.testing.assert_close(window[1].num_batches_tracked,
+                               batch[1].num_batches_tracked)
+    assert 'running_stats_from' in repr(window[1])
+    assert 'running_stats_from' not in repr(batch[1])
+
+
+def test_window_one_needs_no_epoch_length():
+    """A window of 1 is BN at every iteration: burn-in in epochs is moot."""
+    layer = CBN2d(4, window=1, burnin=2, burnin_by_epoch=True)
+    layer.train()
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(layer(x), F.batch_norm(
+        x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps))
