@@ -47,16 +47,14 @@ import torch.nn.functional as F
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from common import (DEFAULT_OUT, ROOT, Timer, machine_info,  # noqa: E402
                     markdown_table, save_png, write_json)
-from stats_error import WINDOW, _rel, _stats  # noqa: E402
+import stats_error  # noqa: E402
+from stats_error import WINDOW, _rel, _stats, aggregate  # noqa: E402
 
 sys.path.insert(0, osp.join(ROOT, 'tools'))
 import demo  # noqa: E402
 import make_demo_data  # noqa: E402
 
-COLUMNS = ('naive_mean', 'naive_var', 'comp_mean', 'comp_var',
-           'prodexact_var')
-HEADER = ['', 'mean: naive', 'mean: CBN', 'naive/CBN', 'var: naive',
-          'var: CBN', 'naive/CBN', 'var: producer-exact', 'n']
+HEADER = stats_error.HEADER + ['n']
 
 
 def build(data_root: str):
@@ -245,28 +243,9 @@ def run(args):
                 seconds=timer())
 
 
-def aggregate(records, key_fn):
-    groups = defaultdict(list)
-    for r in records:
-        groups[key_fn(r)].append(r)
-    out = {}
-    for k, rs in sorted(groups.items()):
-        out[k] = {c: sum(r[c] for r in rs) / len(rs) for c in COLUMNS}
-        out[k]['n'] = len(rs)
-        out[k]['ratio_mean'] = out[k]['naive_mean'] / max(
-            out[k]['comp_mean'], 1e-12)
-        out[k]['ratio_var'] = out[k]['naive_var'] / max(
-            out[k]['comp_var'], 1e-12)
-    return out
-
-
 def fmt_row(label, a):
-    return [
-        label, f"{a['naive_mean']:.4f}", f"{a['comp_mean']:.4f}",
-        f"{a['ratio_mean']:.1f}x", f"{a['naive_var']:.4f}",
-        f"{a['comp_var']:.4f}", f"{a['ratio_var']:.1f}x",
-        f"{a['prodexact_var']:.4f}", str(a['n'])
-    ]
+    """``stats_error``'s table row plus the number of records."""
+    return stats_error.fmt_row(label, a) + [str(a['n'])]
 
 
 def group_of(name: str) -> str:
