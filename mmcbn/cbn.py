@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .binding import Binding, find_producer, in_backward
 from .functional import (batch_norm_with_stats, cross_iteration_norm,
-                         stats_dtype, window_moments)
+                         stats_dtype)
 from .window import WindowState, make_record
 
 
@@ -252,12 +252,10 @@ class _CrossIterationBatchNorm:
                                    (hist_nu - hist_mean.square()).clamp_(0),
                                    0.)
             keep = keep.to(hist_mean.dtype)
-            y, mean_t, var_t = cross_iteration_norm(
+            y, mean_t, var_t, mean_bar, var_bar, k = cross_iteration_norm(
                 x, self.weight, self.bias, hist_mean, hist_var, keep,
                 self.eps)
             if self.running_stats_from == 'window':
-                mean_bar, var_bar, k = window_moments(
-                    mean_t, var_t, hist_mean, hist_var, keep)
                 self._update_running_stats(x, mean_bar, var_bar,
                                            batches=float(k))
             else:

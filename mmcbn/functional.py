@@ -110,11 +110,11 @@ class _CrossIterationNorm(torch.autograd.Function):
         y = torch.addcmul(channel_view(shift, xs), xs, channel_view(scale, xs))
         ctx.save_for_backward(x, weight, bias, mean_t, mean_bar, invstd,
                               scale, k)
-        ctx.mark_non_differentiable(mean_t, var_t)
-        return y.to(x.dtype), mean_t, var_t
+        ctx.mark_non_differentiable(mean_t, var_t, mean_bar, var_bar, k)
+        return y.to(x.dtype), mean_t, var_t, mean_bar, var_bar, k
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, _grad_mean, _grad_var):
+    def backward(ctx, grad_y: Tensor, *_grad_stats):
         x, weight, bias, mean_t, mean_bar, invstd, scale, k = \
             ctx.saved_tensors
         dtype = mean_t.dtype
@@ -145,8 +145,8 @@ class _CrossIterationNorm(torch.autograd.Function):
 
 def cross_iteration_norm(
         x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-        hist_mean: Tensor, hist_var: Tensor, hist_keep: Tensor,
-        eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+        hist_mean: Tensor, hist_var: Tensor, hist_keep: Tensor, eps: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Normalize ``x`` with statistics averaged over the window.
 
     Args:
@@ -159,8 +159,10 @@ def cross_iteration_norm(
         eps (float): Added to the variance inside the square root.
 
     Returns:
-        tuple[Tensor]: The normalized output (dtype of ``x``) and the
-        current batch's mean and biased variance (stats dtype, no grad).
+        tuple[Tensor]: The normalized output (dtype of ``x``), the current
+        batch's mean and biased variance, the window's mean and biased
+        variance it normalized with, and the number of batches averaged
+        (shape (1, )); all but the output in the stats dtype, no grad.
     """
     autocast_off = torch.autocast(device_type=x.device.type, enabled=False)
     with autocast_off:
