@@ -10,6 +10,7 @@ upsampled (bilinear, e.g. to 16x16 for a 4-stage ResNet), and standardized
 with the training split's mean and std. The train/test split is stratified
 and fixed by a seed.
 """
+import argparse
 import datetime
 import json
 import os
@@ -187,6 +188,20 @@ def git_state() -> str:
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
     return (commit or 'unknown') + ('+dirty mmcbn/' if dirty else '')
+
+
+def benchmark_parser(doc: str,
+                     quick_help: str = 'tiny smoke run (< 1 min), for tests'
+                     ) -> argparse.ArgumentParser:
+    """The options every benchmark script has: ``--out`` (where its JSON
+    and PNG go) and ``--quick``; ``doc``'s first line is the description."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument(
+        '--out',
+        default=DEFAULT_OUT,
+        help='folder for the JSON and PNG (default: %(default)s)')
+    parser.add_argument('--quick', action='store_true', help=quick_help)
+    return parser
 
 
 def machine_info() -> Dict[str, object]:

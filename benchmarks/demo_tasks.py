@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import (DEFAULT_OUT, ROOT, machine_info,  # noqa: E402
+from common import (ROOT, benchmark_parser, machine_info,  # noqa: E402
                     markdown_table, save_png, write_json)
 
 sys.path.insert(0, ROOT)
@@ -397,11 +397,9 @@ def plot(summary: Dict, tasks, norms, path: str) -> None:
 
 
 def main(argv=None) -> Dict:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--out', default=DEFAULT_OUT)
-    parser.add_argument('--quick', action='store_true',
-                        help='one seed, a few segmentation iterations on '
-                        'tiny data (smoke test)')
+    parser = benchmark_parser(
+        __doc__, 'one seed, a few segmentation iterations on tiny data '
+        '(smoke test)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--norms', nargs='+', choices=NORMS,
                         default=['bn', 'gn', 'cbn'],

@@ -13,7 +13,6 @@ Usage::
     python benchmarks/inference_speed.py            # full
     python benchmarks/inference_speed.py --quick    # < 1 minute
 """
-import argparse
 import json
 import os
 import os.path as osp
@@ -23,6 +22,7 @@ import time
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
@@ -30,6 +30,8 @@ from mmengine.registry import DefaultScope  # noqa: E402
 
 import mmcbn  # noqa: E402,F401
 from mmcbn.export import export_config  # noqa: E402
+
+from common import benchmark_parser  # noqa: E402
 
 MODELS = {
     'Faster R-CNN R50-FPN': (
@@ -89,10 +91,8 @@ def time_models(models, batch, warmup, reps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--quick', action='store_true')
-    parser.add_argument('--out', default=osp.join(ROOT, 'benchmarks',
-                                                  'results'))
+    parser = benchmark_parser(
+        __doc__, 'smoke test of every code path (timings meaningless)')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--reps', type=int, default=None)
     args = parser.parse_args()

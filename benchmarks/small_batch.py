@@ -17,7 +17,6 @@ split is fixed).
 
 Writes ``small_batch.json`` and ``small_batch.png`` into ``--out``.
 """
-import argparse
 import json
 import math
 import os.path as osp
@@ -30,8 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from common import (  # noqa: E402
+    benchmark_parser,
     dataset_note,
-    DEFAULT_OUT,
     evaluate,
     load_digits_split,
     machine_info,
@@ -268,10 +267,7 @@ def plot(summary, path, title):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--out', default=DEFAULT_OUT)
-    parser.add_argument('--quick', action='store_true',
-                        help='tiny smoke run (< 1 min), for tests')
+    parser = benchmark_parser(__doc__)
     parser.add_argument('--seeds', type=int, nargs='+',
                         default=[0, 1, 2, 3, 4])
     parser.add_argument('--epochs', type=int, default=6)

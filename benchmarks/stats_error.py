@@ -36,7 +36,6 @@ recorded (lag 0).
 
 Writes ``stats_error.json`` and ``stats_error.png`` into ``--out``.
 """
-import argparse
 import os.path as osp
 import sys
 import time
@@ -47,9 +46,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from common import (  # noqa: E402
+    benchmark_parser,
     conv_norm_pairs,
     dataset_note,
-    DEFAULT_OUT,
     load_digits_split,
     machine_info,
     make_norm_factory,
@@ -373,10 +372,7 @@ def plot(trajs, summary, path, early_max):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--out', default=DEFAULT_OUT)
-    parser.add_argument('--quick', action='store_true',
-                        help='tiny smoke run (< 1 min), for tests')
+    parser = benchmark_parser(__doc__)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--batch', type=int, default=16)
     parser.add_argument('--lr', type=float, default=0.1)

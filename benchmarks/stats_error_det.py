@@ -34,7 +34,6 @@ reproduce what was recorded (checked at ``t = 0``).
 
 Writes ``stats_error_det.json`` and ``stats_error_det.png`` into ``--out``.
 """
-import argparse
 import copy
 import os.path as osp
 import sys
@@ -45,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import (DEFAULT_OUT, ROOT, Timer, machine_info,  # noqa: E402
+from common import (ROOT, Timer, benchmark_parser, machine_info,  # noqa: E402
                     markdown_table, save_png, write_json)
 import stats_error  # noqa: E402
 from stats_error import WINDOW, _rel, _stats, aggregate  # noqa: E402
@@ -158,9 +157,12 @@ def run(args):
     data_iter = iter(loader)
     model.train()
 
-    def replay(s):
+    def sync_twin():
         twin.load_state_dict(model.state_dict())
         twin.train()
+
+    def replay(s):
+        """Batch ``s`` through the twin (synced with ``sync_twin``)."""
         tap = InputTap(twin_layers, keep_producer=False)
         saved = torch.get_rng_state()
         torch.set_rng_state(history[s]['rng'])
@@ -173,6 +175,7 @@ def run(args):
 
     for t in range(args.iters):
         if t in args.probes:
+            sync_twin()  # the current parameters, for all 7 replays
             for s in range(t - WINDOW + 1, t):
                 truth = replay(s)
                 tau = t - s
@@ -223,6 +226,7 @@ def run(args):
         history[t] = dict(data=data, rng=rng, calls=tap.calls)
         history.pop(t - WINDOW, None)
         if t == 0:
+            sync_twin()
             truth = replay(0)
             lag0 = max(
                 max(_rel(a['stats'][0], b['stats'][0]),
@@ -313,10 +317,7 @@ def plot(summary, names, path, burnin_iter):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--out', default=DEFAULT_OUT)
-    parser.add_argument('--quick', action='store_true',
-                        help='tiny smoke run (< 1 min), for tests')
+    parser = benchmark_parser(__doc__)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--epochs', type=float, default=2,
                         help='trajectory length (default: %(default)s)')

@@ -20,7 +20,6 @@ Usage::
 (On a CPU shared with other jobs, OpenMP's busy-waiting threads slow every
 variant down several times; ``OMP_WAIT_POLICY=PASSIVE`` avoids that.)
 """
-import argparse
 import json
 import os
 import os.path as osp
@@ -39,6 +38,8 @@ from torch import nn  # noqa: E402
 
 import mmcbn  # noqa: E402,F401
 from mmcbn import cbn_layers  # noqa: E402
+
+from common import benchmark_parser  # noqa: E402
 
 NORMS = {
     'BN': dict(type='BN'),
@@ -330,10 +331,8 @@ def measure_memory_child(kind, variant, args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--quick', action='store_true')
-    parser.add_argument('--out', default=osp.join(ROOT, 'benchmarks',
-                                                  'results'))
+    parser = benchmark_parser(
+        __doc__, 'smoke test of every code path (timings meaningless)')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--reps', type=int, default=None)
     parser.add_argument('--no-detector', action='store_true')
