@@ -11,6 +11,7 @@ from .checkpoint import load_checkpoint_file, register_safe_globals
 from .control import (binding_report, binding_summary, cbn_layers,
                       name_cbn_layers, set_cbn_epoch_length,
                       set_cbn_iteration)
+from .health import (read_cbn_flags, read_cbn_health, set_cbn_monitor)
 from .hooks import CBNHook
 from .optim import CPUAutocastOptimWrapper
 from .version import __version__
@@ -22,5 +23,6 @@ __all__ = [
     'set_cbn_epoch_length', 'cbn_layers', 'name_cbn_layers',
     'binding_report', 'binding_summary', 'find_producer',
     'check_autograd_introspection', 'load_checkpoint_file',
-    'register_safe_globals', 'CPUAutocastOptimWrapper', '__version__'
+    'register_safe_globals', 'CPUAutocastOptimWrapper', 'read_cbn_flags',
+    'read_cbn_health', 'set_cbn_monitor', '__version__'
 ]

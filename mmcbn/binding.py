@@ -43,6 +43,8 @@ class Producer:
     weight: Optional[Tensor]
     bias: Optional[Tensor]
     node: object = field(repr=False)
+    #: The weight parameter itself (None for a computed weight).
+    weight_param: Optional[Tensor] = field(default=None, repr=False)
     groups: int = 1
     stride: Tuple[int, ...] = ()
     padding: Tuple[int, ...] = ()
@@ -110,6 +112,22 @@ def _conv_weight_grad(grad_out: Tensor, inp: Tensor, weight_shape,
         [False, True, False])[1]
 
 
+@dataclass(frozen=True)
+class BindingInfo:
+    """What a CBN call was bound to, without tensors or autograd nodes
+    (kept by the layer after the call; safe to deep-copy and pickle).
+
+    ``weight_id`` is the ``id`` of the producer's weight parameter (None for
+    a computed weight or no producer), to name it in reports.
+    """
+
+    status: str
+    description: str
+    key: tuple
+    reason: str = ''
+    weight_id: Optional[int] = None
+
+
 @dataclass
 class Binding:
     """What a CBN call found behind its input.
@@ -136,6 +154,16 @@ class Binding:
         return self.producer.key if self.producer is not None else (
             'constant', )
 
+    def info(self) -> BindingInfo:
+        """This binding without its tensors and autograd node."""
+        prod = self.producer
+        return BindingInfo(
+            status=self.status,
+            description=self.description,
+            key=self.key,
+            reason=self.reason,
+            weight_id=None if prod is None else prod.key[1])
+
 
 def _resolve_leaf(node):
     """The parameter behind ``node``; None if no gradient flows (frozen)."""
@@ -160,7 +188,7 @@ def _conv_binding(node) -> Binding:
         return Binding(
             'unbound', reason='a convolution whose bias is computed, not a '
             'parameter')
-    weight_id = id(weight)
+    weight_id = _param_id(weight)
     if weight is _NOT_A_LEAF:
         # An effective weight (e.g. weight standardization): the output is
         # still linear in it, so compensate with respect to its value.
@@ -174,9 +202,10 @@ def _conv_binding(node) -> Binding:
     desc = (f'Conv{nd}d({c_in_g * groups}->{c_out}, k={kernel}, '
             f's={tuple(node._saved_stride)}, d={tuple(node._saved_dilation)}'
             f', g={groups}, bias={has_bias})')
-    key = ('conv', weight_id, tuple(saved_w.shape), id(bias), has_bias,
-           tuple(node._saved_stride), tuple(node._saved_padding),
-           tuple(node._saved_dilation), groups)
+    key = ('conv', weight_id, tuple(saved_w.shape), _param_id(bias),
+           has_bias, tuple(node._saved_stride), tuple(node._saved_padding),
+           tuple(node._saved_dilation), groups, weight is not None,
+           bias is not None)
     producer = Producer(
         kind='conv',
         description=desc,
@@ -184,6 +213,7 @@ def _conv_binding(node) -> Binding:
         weight=None if weight is None else weight.detach(),
         bias=None if bias is None else bias.detach(),
         node=node,
+        weight_param=None if weight_id is None else weight,
         groups=groups,
         stride=tuple(node._saved_stride),
         padding=tuple(node._saved_padding),
@@ -214,15 +244,22 @@ def _linear_binding(node) -> Binding:
         return Binding(
             'unbound', reason='a matrix product that is not nn.Linear')
     desc = f'Linear({c_in}->{c_out}, bias={has_bias})'
-    key = ('linear', id(weight), (c_out, c_in), id(bias), has_bias)
+    key = ('linear', _param_id(weight), (c_out, c_in), _param_id(bias),
+           has_bias, weight is not None, bias is not None)
     producer = Producer(
         kind='linear',
         description=desc,
         key=key,
         weight=None if weight is None else weight.detach(),
         bias=None if bias is None else bias.detach(),
-        node=node)
+        node=node,
+        weight_param=weight)
     return Binding('bound' if producer.trainable else 'frozen', producer)
+
+
+def _param_id(param) -> Optional[int]:
+    """``id`` of a parameter, None when there is none."""
+    return None if param is None else id(param)
 
 
 def _chain(node):

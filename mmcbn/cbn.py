@@ -21,10 +21,12 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .binding import Binding, find_producer, in_backward
-from .functional import (batch_norm_with_stats, cross_iteration_norm,
-                         stats_dtype)
-from .window import WindowState, make_record
+from .binding import Binding, BindingInfo, find_producer, in_backward
+from .functional import (batch_norm_with_stats, batch_stats, stats_dtype,
+                         window_norm)
+from .health import DROPPED, NOT_STORED, NUM_FLAGS, SKIPPED, observe
+from .stats_source import LOCAL, StatsSource
+from .window import WindowState, empty_history, make_record
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -120,8 +122,16 @@ class _CrossIterationBatchNorm:
         self._call_position = 0
         self._windows: List[WindowState] = []
         #: The binding of each call position in its last training forward.
-        self.bindings: List[Optional[Binding]] = []
+        self.bindings: List[Optional[BindingInfo]] = []
         self._warned: set = set()
+        self._last_call: Optional[tuple] = None
+        #: Device-side event counters and health accumulators (health.py).
+        self._flags: Optional[Tensor] = None
+        self._health: Optional[Tensor] = None
+        #: Compute health metrics in training forwards (set by CBNHook).
+        self._monitor = False
+        #: Whether a forward ran inside torch.compile (then as BatchNorm).
+        self._compiled = False
 
     # ----------------------------------------------------------- iterations
     @property
@@ -166,6 +176,15 @@ class _CrossIterationBatchNorm:
         for w in self._windows:
             w.reset()
 
+    # ------------------------------------------------------------ the seam
+    def _stats_source(self) -> StatsSource:
+        """Where the window entries are combined: this process (CBN).
+
+        :class:`mmcbn.SyncCBN` overrides this (all processes); nothing
+        else in the forward depends on it.
+        """
+        return LOCAL
+
     # -------------------------------------------------------------- forward
     def _name(self) -> str:
         return self.cbn_name or (
@@ -189,84 +208,133 @@ class _CrossIterationBatchNorm:
                 f'its input has {x.shape[1]} channels (shape '
                 f'{tuple(x.shape)})')
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        if not self.training:
-            return super().forward(x)  # BatchNorm, at BatchNorm's speed
-        if in_backward():
-            # Activation checkpointing recomputes this call during backward.
-            # The original call could not bind (grad off, or hooked saved
-            # tensors), so it was BatchNorm: reproduce it, touch no state.
-            return F.batch_norm(x, None, None, self.weight, self.bias, True,
-                                0.0, self.eps)
-        if x.numel() // x.shape[1] <= 1:
-            raise ValueError(
-                f'{self._name()} needs more than 1 value per channel when '
-                f'training, got input of shape {tuple(x.shape)}')
+    def _next_call(self) -> Tuple[int, int]:
+        """The call position and iteration of this training forward."""
         if self._external_iteration:
             position = self._call_position
             self._call_position += 1
         else:
             self._iteration += 1
             position = 0
-        iteration = self._iteration
         while len(self._windows) <= position:
             self._windows.append(WindowState(self.window - 1))
             self.bindings.append(None)
-        state = self._windows[position]
-        if self.window == 1:  # BatchNorm: nothing to record or average
-            return self._batch_norm(x)[0]
-        window = self.window_at(iteration)
+        return position, self._iteration
 
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if not self.training:
+            return super().forward(x)  # BatchNorm, at BatchNorm's speed
+        if torch.compiler.is_compiling():
+            # dynamo traces no autograd graph to bind to: BatchNorm
+            self._compiled = True
+            return super().forward(x)
+        if in_backward():
+            # Activation checkpointing recomputes this call during backward.
+            # The original call could not bind (grad off, or hooked saved
+            # tensors), so it was BatchNorm: reproduce it, touch no state.
+            return F.batch_norm(x, None, None, self.weight, self.bias, True,
+                                0.0, self.eps)
+        source = self._stats_source()
+        m = x.numel() // x.shape[1]
+        if m == 1 and not source.distributed:
+            raise ValueError(
+                f'{self._name()} needs more than 1 value per channel when '
+                f'training, got input of shape {tuple(x.shape)}')
+        position, iteration = self._next_call()
+        if m == 0 and not source.distributed:
+            # BatchNorm's own behaviour on an empty batch (an RoI head with
+            # no RoI): empty output, running statistics unchanged
+            return super().forward(x)
+        if self.window == 1 and not source.distributed:
+            return self._batch_norm(x)[0]
+        state = self._windows[position]
+        lags = self.window_at(iteration) - 1
+        binding = self._bind(x, position) if self.window > 1 else None
+        bound = binding is not None and binding.status != 'unbound'
+        history = None
+        if bound and lags > 0:
+            prod = binding.producer
+            use_comp = self.compensate and binding.status == 'bound'
+            history = state.compensated(
+                iteration, lags, binding.key,
+                prod.weight if use_comp and prod is not None else None,
+                prod.bias if use_comp and prod is not None else None)
+        if history is None and not source.distributed:
+            y, mean_t, var_t = self._batch_norm(x)
+            stats = None
+        else:
+            mean_t, var_t = batch_stats(x)
+            if history is None:
+                history = empty_history(lags, mean_t)
+            y, stats = window_norm(x, self.weight, self.bias, mean_t, var_t,
+                                   history.count, history.mean, history.var,
+                                   self.eps, source)
+            if self.running_stats_from == 'window':
+                self._update_running_stats(
+                    stats.mean_bar, stats.var_bar,
+                    torch.where(stats.keep, stats.count, 0.).sum())
+            else:
+                self._update_running_stats(stats.mean[0], stats.var[0],
+                                           stats.count[0])
+            self._flag(DROPPED, history.dropped)
+        if bound and m > 0:
+            with torch.no_grad():
+                xs = x.detach().to(stats_dtype(x))
+                record = make_record(binding, xs, mean_t, var_t,
+                                     self.compensate)
+                ok = state.push(iteration, binding.key, record, m)
+                self._flag(NOT_STORED, ~ok)
+        if self._monitor and self.window > 1:
+            observe(self, history, stats, mean_t, var_t, lags)
+        return y
+
+    def _bind(self, x: Tensor, position: int) -> Binding:
+        """Find the producer of ``x``; fall back (and warn) if none."""
         binding = find_producer(x)
-        self.bindings[position] = binding
+        self.bindings[position] = binding.info()
         if binding.status == 'unbound':
             self._warn_once(
                 'unbound', f'{self._name()} found no producing conv/linear '
                 f'layer: {binding.reason}. It falls back to BatchNorm '
                 '(window 1).')
-            state.reset()
-            return self._batch_norm(x)[0]
+            self._windows[position].reset()
+        elif not self._external_iteration:
+            self._check_calls_share_iteration(binding)
+        return binding
 
+    def _check_calls_share_iteration(self, binding: Binding) -> None:
+        """Warn if two calls see the same producer state with no iteration
+        given: they belong to one iteration (a head shared over FPN levels)
+        but are counted as two, so the levels share one window.
+
+        Reads only host-side version counters: no synchronization.
+        """
         prod = binding.producer
-        use_comp = self.compensate and binding.status == 'bound'
-        history = None
-        if window > 1:
-            history = state.compensated(iteration, window, binding.key,
-                                        prod.weight if use_comp else None,
-                                        prod.bias if use_comp else None)
-        if history is None:
-            y, mean_t, var_t = self._batch_norm(x)
-        else:
-            hist_mean, hist_nu, valid = history
-            finite = torch.isfinite(hist_mean).all(1) & torch.isfinite(
-                hist_nu).all(1)
-            keep = valid & finite
-            if not bool((finite | ~valid).all()):
-                self._warn_once(
-                    'nonfinite', f'{self._name()}: a compensated statistic '
-                    f'of an earlier iteration is not finite at iteration '
-                    f'{iteration}; that window entry is dropped.')
-            hist_mean = torch.where(keep[:, None], hist_mean, 0.)
-            hist_var = torch.where(keep[:, None],
-                                   (hist_nu - hist_mean.square()).clamp_(0),
-                                   0.)
-            keep = keep.to(hist_mean.dtype)
-            y, mean_t, var_t, mean_bar, var_bar, k = cross_iteration_norm(
-                x, self.weight, self.bias, hist_mean, hist_var, keep,
-                self.eps)
-            if self.running_stats_from == 'window':
-                self._update_running_stats(x, mean_bar, var_bar,
-                                           batches=float(k))
-            else:
-                self._update_running_stats(x, mean_t, var_t)
-        with torch.no_grad():
-            xs = x.detach().to(stats_dtype(x))
-            record = make_record(binding, xs, mean_t, var_t, self.compensate)
-            if torch.isfinite(record.a_mean).all() and torch.isfinite(
-                    record.a_nu).all():
-                state.push(iteration, binding.key, record)
-        return y
+        param = None if prod is None else prod.weight_param
+        if param is None or binding.status != 'bound':
+            self._last_call = None
+            return
+        grad = param.grad
+        signature = (id(param), param._version, None if grad is None else
+                     (id(grad), grad._version))
+        if signature == self._last_call:
+            self._warn_once(
+                'shared-calls', f'{self._name()} was called twice with its '
+                'producer weights unchanged and no iteration given, so '
+                'every call counts as an iteration. If the calls belong to '
+                'one iteration (a head shared over FPN levels) they share '
+                "one window. Add dict(type='CBNHook') to custom_hooks, or "
+                'call mmcbn.set_cbn_iteration(model, iteration) before each '
+                'training iteration.')
+        self._last_call = signature
+
+    def _flag(self, index: int, value: Tensor) -> None:
+        """Count an event on the device (read by :func:`read_cbn_flags`)."""
+        if self._flags is None or self._flags.device != value.device:
+            self._flags = torch.zeros(
+                NUM_FLAGS, dtype=torch.int64, device=value.device)
+        self._flags[index].add_(value)
 
     def _batch_norm(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Plain training-mode BN; running stats updated NaN-safely.
@@ -276,39 +344,47 @@ class _CrossIterationBatchNorm:
         """
         y, mean_t, var_t = batch_norm_with_stats(x, self.weight, self.bias,
                                                  self.eps)
-        self._update_running_stats(x, mean_t, var_t)
+        self._update_running_stats(mean_t, var_t, x.numel() // x.shape[1])
         return y, mean_t, var_t
 
     @torch.no_grad()
-    def _update_running_stats(self,
-                              x: Tensor,
-                              mean_t: Tensor,
-                              var_t: Tensor,
-                              batches: float = 1.0) -> None:
-        """Momentum update, as nn.BatchNorm does, from the statistics of
-        ``batches`` batches of ``x``'s size (the current batch, or the
-        window); the variance is made unbiased over all their values.
+    def _update_running_stats(self, mean: Tensor, var: Tensor,
+                              count: Union[int, Tensor]) -> None:
+        """Momentum update, as nn.BatchNorm does, from statistics of
+        ``count`` values per channel (the variance is made unbiased).
 
-        A non-finite batch statistic leaves the running statistics as they
-        are (and warns) instead of poisoning them.
+        A non-finite statistic leaves the running statistics and
+        ``num_batches_tracked`` as they are (counted for a warning); an
+        empty batch leaves the statistics as they are and counts, as in
+        BatchNorm. Decided on the device: no synchronization.
         """
         if not self.track_running_stats or self.running_mean is None:
             return
-        if not (torch.isfinite(mean_t).all() and torch.isfinite(var_t).all()):
-            self._warn_once(
-                'nonfinite-batch', f'{self._name()}: the batch statistics are '
-                f'not finite at iteration {self._iteration}; running '
-                'statistics were not updated.')
-            return
-        self.num_batches_tracked.add_(1)
+        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        if isinstance(count, Tensor):
+            nonempty = count > 0
+            bessel = torch.where(count > 1, count / (count - 1).clamp(min=1),
+                                 1.)
+            skipped = nonempty & ~finite
+            update = nonempty & finite
+        else:
+            bessel = count / (count - 1) if count > 1 else 1.0
+            skipped = ~finite if count > 0 else torch.zeros_like(finite)
+            update = finite if count > 0 else skipped
+        self._flag(SKIPPED, skipped)
+        self.num_batches_tracked.add_(~skipped)
         if self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked)
+            factor = 1.0 / self.num_batches_tracked.clamp(min=1).to(
+                self.running_mean.dtype)
         else:
             factor = self.momentum
-        m = batches * (x.numel() // x.shape[1])
-        unbiased = var_t * (m / (m - 1))
-        self.running_mean.lerp_(mean_t.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        running_mean, running_var = self.running_mean, self.running_var
+        running_mean.lerp_(
+            torch.where(update, mean.to(running_mean.dtype), running_mean),
+            factor)
+        running_var.lerp_(
+            torch.where(update, (var * bessel).to(running_var.dtype),
+                        running_var), factor)
 
     def extra_repr(self) -> str:
         unit = ' epochs' if self.burnin_by_epoch else ''

@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Tuple
 from torch import nn
 
 from .cbn import CBN_LAYERS
+from .health import read_cbn_flags
 
 
 def cbn_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -61,12 +62,17 @@ def set_cbn_epoch_length(model: nn.Module, iters_per_epoch: int) -> None:
 def binding_report(model: nn.Module) -> Dict[str, List[str]]:
     """What each CBN layer was bound to in its last training forward.
 
+    Reading the report is a natural point for a host synchronization, so
+    it also reads the layers' device-side event counters and logs their
+    warnings (:func:`mmcbn.read_cbn_flags`).
+
     Returns:
         dict: Layer name -> one entry per call position: the producing
         module's name (or its description) for a bound layer,
         ``'frozen: ...'``, ``'unbound: <reason>'``, or ``'not run'`` for a
         position never run in training mode.
     """
+    read_cbn_flags(model)
     param_owner = {}
     for name, module in model.named_modules():
         weight = getattr(module, 'weight', None)
@@ -82,9 +88,8 @@ def binding_report(model: nn.Module) -> Dict[str, List[str]]:
             elif binding.status == 'unbound':
                 entries.append(f'unbound: {binding.reason}')
             else:
-                prod = binding.producer
-                owner = binding.reason if prod is None else param_owner.get(
-                    prod.key[1], prod.description)
+                owner = param_owner.get(binding.weight_id,
+                                        binding.description)
                 prefix = 'frozen: ' if binding.status == 'frozen' else ''
                 entries.append(prefix + owner)
         report[name] = entries

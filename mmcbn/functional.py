@@ -1,32 +1,39 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
 """Normalization with window-averaged statistics (the CBN forward/backward).
 
-Given the current batch ``x`` and the compensated statistics of earlier
-iterations, CBN normalizes with
+Every statistic that enters a CBN layer's normalization is an *entry*: a
+sample count ``n_e``, a per-channel mean ``mu_e`` and a per-channel variance
+``v_e = nu_e - mu_e^2`` (for a compensated entry ``nu_e`` is a first-order
+estimate, so ``v_e`` may be negative). Entry 0 is the current batch; the
+others are the compensated statistics of earlier iterations, one per lag.
+Entries with ``n_e = 0`` do not count. With ``K`` counted entries::
 
-.. math::
+    mu_bar  = mean_e mu_e
+    var_bar = mean_e max(v_e, 0) + mean_e (mu_e - mu_bar)^2
+            = mean_e max(nu_e, mu_e^2) - mu_bar^2
 
-    \\bar\\mu = \\frac{1}{k}\\sum_\\tau \\mu_{t-\\tau}, \\qquad
-    \\bar\\sigma^2 = \\frac{1}{k}\\sum_\\tau \\max(\\nu_{t-\\tau},
-    \\mu_{t-\\tau}^2) - \\bar\\mu^2
+which is the method's window average, in the numerically safer form.
 
-Writing :math:`\\max(\\nu, \\mu^2) = \\mu^2 + \\max(\\nu - \\mu^2, 0)` gives
-the algebraically identical, numerically safer form used here::
+Where the entries come from is a *statistics source* (:mod:`.stats_source`):
+this process alone (CBN) or all processes (SyncCBN), combined exactly from
+``(n, n mu, n nu)`` sums before the repair and the average.
 
-    var_bar = mean_e(v_e) + mean_e((mu_e - mu_bar)^2)
-
-where ``v_e`` is each entry's (clamped) variance. The current entry's
-``mu_t`` and ``v_t`` are computed from ``x`` with a two-pass variance, so for
-``k = 1`` the result is exactly BatchNorm's.
-
-Gradients flow through the current statistics only; the history is constant.
-The backward pass is closed-form (two per-channel reductions and one fused
-element-wise pass, like BatchNorm's), not a chain of autograd ops.
+Gradients flow through the current entry only. Since
+``d mu_bar / d x_i = 1 / (K n_0)`` and ``d var_bar / d x_i =
+2 (x_i - mu_bar) / (K n_0)``, the input gradient is BatchNorm's with mean
+``mu_bar``, inverse std ``(var_bar + eps)^-1/2`` and sample count
+``K n_0``. So the forward and backward run BatchNorm's own kernels with
+given statistics: ``native_batch_norm`` in eval form for the output, and on
+CUDA the kernels ``SyncBatchNorm`` uses (``batch_norm_stats``,
+``batch_norm_backward_reduce``, ``batch_norm_backward_elemt``).
+No step converts a tensor to a Python value.
 """
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .stats_source import LOCAL, StatsSource
 
 
 def reduce_dims(x: Tensor) -> Tuple[int, ...]:
@@ -59,112 +66,203 @@ def batch_norm_with_stats(x: Tensor, weight: Optional[Tensor],
     return y, mean, var
 
 
-def window_moments(mean_t: Tensor, var_t: Tensor, hist_mean: Tensor,
-                   hist_var: Tensor,
-                   hist_keep: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Combine the current statistics with the kept history entries.
+@torch.no_grad()
+def batch_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` in the stats dtype, in
+    BatchNorm's own statistics kernel; zeros for an empty batch."""
+    dtype = stats_dtype(x)
+    channels = x.shape[1]
+    if x.numel() == 0:
+        zeros = x.new_zeros(channels, dtype=dtype)
+        return zeros, zeros.clone()
+    if x.is_cuda:
+        # one Welford pass, float accumulation for half inputs
+        mean, invstd = torch.batch_norm_stats(x, 0.0)
+        return mean.to(dtype), invstd.to(dtype).pow(-2)
+    xs = x if x.dtype == dtype else x.to(dtype)
+    return torch.batch_norm_update_stats(xs, None, None, 0.0)
+
+
+def normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+              mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """``weight * (x - mean) / sqrt(var + eps) + bias`` in one fused pass
+    (BatchNorm's eval kernel with the given statistics)."""
+    return torch.ops.aten.native_batch_norm(x, weight, bias, mean, var,
+                                            False, 0.0, eps)[0]
+
+
+class WindowStats(NamedTuple):
+    """The statistics a window normalization combined and used (no grad).
+
+    ``count``/``mean``/``var`` are the entries after combination over
+    processes (entry 0: the current batch; ``var`` before the repair);
+    ``keep`` marks the entries that counted (``count > 0``).
+    """
+
+    count: Tensor
+    mean: Tensor
+    var: Tensor
+    keep: Tensor
+    mean_bar: Tensor
+    var_bar: Tensor
+    k: Tensor
+
+
+def window_moments(count: Tensor, mean: Tensor,
+                   var: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Average the entries with ``count > 0``, each weighted equally.
 
     Args:
-        mean_t (Tensor): Current mean, shape (C, ).
-        var_t (Tensor): Current biased variance, shape (C, ).
-        hist_mean (Tensor): Compensated means of earlier iterations,
-            shape (n, C). Dropped entries must hold finite values.
-        hist_var (Tensor): Their variances ``max(nu - mu^2, 0)``, (n, C).
-        hist_keep (Tensor): 1 for an entry that is used, 0 for a dropped one,
-            shape (n, ).
+        count (Tensor): Samples per entry, shape (E, ).
+        mean (Tensor): Per-channel means, (E, C); ignored where count is 0.
+        var (Tensor): Per-channel variances ``nu - mu^2``, (E, C), before
+            the repair ``max(., 0)``.
 
     Returns:
-        tuple[Tensor]: ``(mean_bar, var_bar, k)`` where ``k`` (shape (1, ))
-        is the number of entries averaged, the current one included.
+        tuple[Tensor]: ``(mean_bar, var_bar, k, keep)`` with ``k`` (0-dim)
+        the number of entries averaged and ``keep`` (E, ) the mask.
     """
-    keep = hist_keep.unsqueeze(1)
-    k = 1 + hist_keep.sum().reshape(1)
-    mean_bar = (mean_t + (keep * hist_mean).sum(0)) / k
-    spread = (mean_t - mean_bar).square() + (keep * (hist_mean - mean_bar)
-                                            .square()).sum(0)
-    var_bar = (var_t + (keep * hist_var).sum(0) + spread) / k
-    return mean_bar, var_bar, k
+    keep = count > 0
+    k = keep.sum().to(mean.dtype)
+    weights = keep.to(mean.dtype) / k.clamp(min=1)
+    kept = keep.unsqueeze(1)
+    mean_bar = (weights.unsqueeze(1) * torch.where(kept, mean, 0.)).sum(0)
+    spread = torch.where(kept, var.clamp(min=0) +
+                         (mean - mean_bar).square(), 0.)
+    var_bar = (weights.unsqueeze(1) * spread).sum(0)
+    return mean_bar, var_bar, k, keep
 
 
-class _CrossIterationNorm(torch.autograd.Function):
+class _WindowNorm(torch.autograd.Function):
     """y = weight * (x - mean_bar) / sqrt(var_bar + eps) + bias."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor],
-                bias: Optional[Tensor], hist_mean: Tensor, hist_var: Tensor,
-                hist_keep: Tensor, eps: float):
-        dtype = stats_dtype(x)
-        xs = x.to(dtype)
-        dims = reduce_dims(xs)
-        # two passes: several times faster on CPU than torch.var_mean for
-        # this reduction pattern, and as accurate
-        mean_t = xs.mean(dims)
-        var_t = (xs - channel_view(mean_t, xs)).square_().mean(dims)
-        mean_bar, var_bar, k = window_moments(mean_t, var_t, hist_mean,
-                                              hist_var, hist_keep)
+                bias: Optional[Tensor], cur_mean: Tensor, cur_var: Tensor,
+                hist_count: Tensor, hist_mean: Tensor, hist_var: Tensor,
+                eps: float, source: StatsSource):
+        m = x.numel() // x.shape[1] if x.shape[1] else 0
+        count = torch.cat([hist_count.new_full((1, ), m), hist_count])
+        mean = torch.cat([cur_mean.unsqueeze(0), hist_mean])
+        var = torch.cat([cur_var.unsqueeze(0), hist_var])
+        count, mean, var = source.combine(count, mean, var)
+        mean_bar, var_bar, k, keep = window_moments(count, mean, var)
+        y = normalize(x, weight, bias, mean_bar, var_bar, eps)
         invstd = torch.rsqrt(var_bar + eps)
-        gamma = invstd.new_ones(()) if weight is None else weight.to(dtype)
-        beta = invstd.new_zeros(()) if bias is None else bias.to(dtype)
-        scale = gamma * invstd
-        shift = beta - mean_bar * scale
-        y = torch.addcmul(channel_view(shift, xs), xs, channel_view(scale, xs))
-        ctx.save_for_backward(x, weight, bias, mean_t, mean_bar, invstd,
-                              scale, k)
-        ctx.mark_non_differentiable(mean_t, var_t, mean_bar, var_bar, k)
-        return y.to(x.dtype), mean_t, var_t, mean_bar, var_bar, k
+        # the input gradient is BatchNorm's with K * n_0 samples
+        n_eff = k * count[0]
+        ctx.save_for_backward(x, weight, mean_bar, invstd, n_eff)
+        ctx.source = source
+        ctx.mark_non_differentiable(count, mean, var, keep, mean_bar,
+                                    var_bar, k)
+        return y, count, mean, var, keep, mean_bar, var_bar, k
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, *_grad_stats):
-        x, weight, bias, mean_t, mean_bar, invstd, scale, k = \
-            ctx.saved_tensors
-        dtype = mean_t.dtype
-        xs, gy = x.to(dtype), grad_y.to(dtype)
-        dims = reduce_dims(xs)
-        m = xs.numel() // xs.shape[1]
-        sum_g = gy.sum(dims)
-        # sum_i g_i (x_i - mean_bar), per channel
-        sum_gxc = (gy * xs).sum(dims) - mean_bar * sum_g
-        d_var_bar = -0.5 * invstd.square() * scale * sum_gxc
-        d_mean_direct = -scale * sum_g
-        # total derivatives through mean_t and var_t (history is constant)
-        d_mean_t = (d_mean_direct + d_var_bar * 2 * (mean_t - mean_bar)) / k
-        d_var_t = d_var_bar / k
-        a = d_var_t * (2.0 / m)
-        b = d_mean_t / m - a * mean_t
+        x, weight, mean_bar, invstd, n_eff = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        source = ctx.source
+        channels = x.shape[1]
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(
-                torch.addcmul(channel_view(b, xs), xs, channel_view(a, xs)),
-                gy, channel_view(scale, xs)).to(x.dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = (invstd * sum_gxc).to(weight.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
-            grad_b = sum_g.to(bias.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        if x.numel() == 0:
+            # nothing local to reduce; still take part in the collective
+            if need_x:
+                source.sum_grad(mean_bar.new_zeros(2 * channels))
+                grad_x = torch.zeros_like(x)
+            if weight is not None:
+                grad_w = torch.zeros_like(weight) if need_w else None
+                grad_b = torch.zeros_like(weight) if need_b else None
+            return (grad_x, grad_w, grad_b) + (None, ) * 7
+        if x.is_cuda:
+            grad_y = grad_y.contiguous(
+                memory_format=torch.channels_last) if x.is_contiguous(
+                    memory_format=torch.channels_last) else \
+                grad_y.contiguous()
+            sum_dy, sum_dy_xmu, grad_w, grad_b = \
+                torch.batch_norm_backward_reduce(
+                    grad_y, x, mean_bar, invstd, weight, need_x,
+                    need_w and weight is not None,
+                    need_b and weight is not None)
+        else:
+            # one fused reduction pass: sum g and sum g (x - mean_bar)
+            _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                grad_y, x, None, None, None, mean_bar,
+                torch.ones_like(invstd), True, 0.0, [False, True, True])
+            if weight is not None:
+                grad_w = (sum_dy_xmu * invstd).to(weight.dtype)
+                grad_b = sum_dy.to(weight.dtype)
+        if need_x:
+            sums = source.sum_grad(torch.cat([sum_dy, sum_dy_xmu]))
+            sum_dy, sum_dy_xmu = sums[:channels], sums[channels:]
+            grad_x = _input_grad(grad_y, x, weight, mean_bar, invstd, sum_dy,
+                                 sum_dy_xmu, n_eff)
+        if not need_w:
+            grad_w = None
+        if not need_b:
+            grad_b = None
+        return (grad_x, grad_w, grad_b) + (None, ) * 7
 
 
-def cross_iteration_norm(
-        x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-        hist_mean: Tensor, hist_var: Tensor, hist_keep: Tensor, eps: float
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Normalize ``x`` with statistics averaged over the window.
+def _input_grad(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
+                mean: Tensor, invstd: Tensor, sum_dy: Tensor,
+                sum_dy_xmu: Tensor, count: Tensor) -> Tensor:
+    """BatchNorm's input gradient with ``count`` samples::
+
+        gamma invstd (g - sum_dy / count
+                      - (x - mean) invstd^2 sum_dy_xmu / count)
+    """
+    if x.is_cuda:
+        gamma = weight.to(mean.dtype) if weight is not None else None
+        counts = count.round().to(torch.int32).reshape(1)
+        return torch.batch_norm_backward_elemt(grad_y, x, mean, invstd,
+                                               gamma, sum_dy, sum_dy_xmu,
+                                               counts)
+    count = count.clamp(min=1)
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    slope = -scale * invstd.square() * sum_dy_xmu / count
+    offset = -scale * sum_dy / count
+    dtype = mean.dtype
+    xs = x if x.dtype == dtype else x.to(dtype)
+    # slope (x - mean) + offset in one pass (eps 0, unit variance: exact)
+    grad = torch.ops.aten.native_batch_norm(xs, slope, offset, mean,
+                                            torch.ones_like(mean), False,
+                                            0.0, 0.0)[0]
+    grad.addcmul_(grad_y, channel_view(scale, xs))
+    return grad.to(x.dtype)
+
+
+def window_norm(x: Tensor,
+                weight: Optional[Tensor],
+                bias: Optional[Tensor],
+                cur_mean: Tensor,
+                cur_var: Tensor,
+                hist_count: Tensor,
+                hist_mean: Tensor,
+                hist_var: Tensor,
+                eps: float,
+                source: StatsSource = LOCAL) -> Tuple[Tensor, WindowStats]:
+    """Normalize ``x`` with the window statistics.
 
     Args:
-        x (Tensor): Input of shape (N, C, *).
+        x (Tensor): Input of shape (N, C, *); N may be 0.
         weight (Tensor, optional): Affine scale, shape (C, ).
         bias (Tensor, optional): Affine shift, shape (C, ).
-        hist_mean (Tensor): Compensated means of earlier iterations, (n, C).
-        hist_var (Tensor): Their variances, (n, C).
-        hist_keep (Tensor): 0/1 weights of the history entries, (n, ).
+        cur_mean (Tensor): This process's batch mean (stats dtype), (C, ).
+        cur_var (Tensor): Its biased variance, (C, ).
+        hist_count (Tensor): Samples of each earlier entry, (L, ); 0 for an
+            entry that does not count.
+        hist_mean (Tensor): Their compensated means, (L, C).
+        hist_var (Tensor): Their compensated ``nu - mu^2``, (L, C).
         eps (float): Added to the variance inside the square root.
+        source (StatsSource): Where the entries are combined.
 
     Returns:
-        tuple[Tensor]: The normalized output (dtype of ``x``), the current
-        batch's mean and biased variance, the window's mean and biased
-        variance it normalized with, and the number of batches averaged
-        (shape (1, )); all but the output in the stats dtype, no grad.
+        tuple: The normalized output (dtype of ``x``) and the
+        :class:`WindowStats` it used.
     """
     autocast_off = torch.autocast(device_type=x.device.type, enabled=False)
     with autocast_off:
-        return _CrossIterationNorm.apply(x, weight, bias, hist_mean, hist_var,
-                                         hist_keep, eps)
+        y, *stats = _WindowNorm.apply(x, weight, bias, cur_mean, cur_var,
+                                      hist_count, hist_mean, hist_var, eps,
+                                      source)
+    return y, WindowStats(*stats)

@@ -17,25 +17,39 @@ is::
 so an entry stores ``G_s`` (one weight-sized tensor), ``pbar_s`` (one
 ``C_in * K`` vector shared by all output channels) and C-vectors, never a
 copy of the weight, and compensation is a batched row-wise dot product.
+
+Everything the training step needs stays on the device: which slot holds
+which iteration, its sample count and whether its record was finite are
+small tensors, so selecting the entries of a window is tensor arithmetic
+and never a host synchronization. The host keeps only the iteration
+numbers it assigned (it knows them anyway).
 """
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .binding import Binding
 
+#: The iteration an empty slot pretends to hold: never inside a window.
+_EMPTY_SLOT = -(1 << 62)
+#: Per-slot bookkeeping tensors (not records).
+_META = ('iteration', 'count', 'ok')
+
 
 @dataclass
 class Record:
     """One iteration's statistics with what compensation needs.
 
-    ``a_mean``/``a_nu`` are the folded constants above (plain ``mean`` and
-    ``nu`` for an uncompensated entry); ``pbar``/``nu_grad`` exist when the
-    producer's weight is trainable, ``mean`` when its bias is.
+    ``raw_mean``/``raw_nu`` are the statistics as recorded; ``a_mean``/
+    ``a_nu`` the folded constants above (the raw statistics for an
+    uncompensated entry); ``pbar``/``nu_grad`` exist when the producer's
+    weight is trainable, ``mean`` when its bias is.
     """
 
+    raw_mean: Tensor
+    raw_nu: Tensor
     a_mean: Tensor
     a_nu: Tensor
     pbar: Optional[Tensor] = None
@@ -92,10 +106,10 @@ def make_record(binding: Binding, x: Tensor, mean: Tensor, var: Tensor,
     nu = var + mean.square()
     prod = binding.producer
     if not compensate or binding.status != 'bound':
-        return Record(a_mean=mean, a_nu=nu)
+        return Record(raw_mean=mean, raw_nu=nu, a_mean=mean, a_nu=nu)
     dtype = mean.dtype
     a_mean, a_nu = mean.clone(), nu.clone()
-    record = Record(a_mean=a_mean, a_nu=a_nu)
+    record = Record(raw_mean=mean, raw_nu=nu, a_mean=a_mean, a_nu=a_nu)
     if prod.weight is not None:
         weight = prod.weight.to(dtype)
         record.pbar = prod.patch_mean(x)
@@ -110,13 +124,40 @@ def make_record(binding: Binding, x: Tensor, mean: Tensor, var: Tensor,
     return record
 
 
+class History(NamedTuple):
+    """The earlier entries of a window, one row per lag ``1 .. L`` (no grad).
+
+    ``count`` (L, ) holds the samples (0 where no usable entry), ``mean``
+    and ``var`` (L, C) the compensated mean and ``nu - mu^2``, ``raw_mean``
+    and ``raw_nu`` (L, C) the statistics as recorded, ``comp_nu`` (L, C)
+    the compensated second moment, and ``dropped`` (0-dim) the entries
+    inside the window dropped because a compensated value was not finite.
+    """
+
+    count: Tensor
+    mean: Tensor
+    var: Tensor
+    raw_mean: Tensor
+    raw_nu: Tensor
+    comp_nu: Tensor
+    dropped: Tensor
+
+
+def empty_history(lags: int, like: Tensor) -> History:
+    """A history of ``lags`` rows that all do not count."""
+    zeros = like.new_zeros((lags, like.shape[0]))
+    return History(like.new_zeros(lags), zeros, zeros, zeros, zeros, zeros,
+                   like.new_zeros((), dtype=torch.int64))
+
+
 class WindowState:
     """Ring buffer of the records of the last ``capacity`` iterations.
 
     Entries are stacked so that compensating all of them is one batched
-    product. The order of entries is irrelevant (the window is an average);
-    each slot remembers its iteration, so an entry older than the window,
-    or from another producer, is never used.
+    product. Each slot holds its iteration (on the host and on the device),
+    its sample count and whether its record was finite (device), so an
+    entry older than the window, from another producer, or not finite is
+    never used.
 
     Args:
         capacity (int): Number of earlier iterations kept (window - 1).
@@ -124,18 +165,17 @@ class WindowState:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.iterations: List[Optional[int]] = [None] * capacity
-        self.key: Optional[tuple] = None
-        self._next = 0
-        self._buffers: dict = {}
+        self.reset()
 
     def reset(self) -> None:
-        self.iterations = [None] * self.capacity
-        self.key = None
+        """Forget every entry."""
+        self.iterations: List[Optional[int]] = [None] * self.capacity
+        self.key: Optional[tuple] = None
         self._next = 0
-        self._buffers = {}
+        self._buffers: Dict[str, Tensor] = {}
 
     def __len__(self) -> int:
+        """Slots holding an entry (finite or not)."""
         return sum(it is not None for it in self.iterations)
 
     def nbytes(self) -> int:
@@ -143,72 +183,142 @@ class WindowState:
         return sum(b.numel() * b.element_size()
                    for b in self._buffers.values())
 
-    def push(self, iteration: int, key: tuple, record: Record) -> None:
-        """Store the record of ``iteration`` over the oldest entry."""
-        if self.capacity == 0:
-            return
+    def push(self, iteration: int, key: tuple, record: Record,
+             count: int) -> Tensor:
+        """Store the record of ``iteration`` over the oldest entry.
+
+        A record with a non-finite statistic is stored as zeros and marked
+        unusable, decided on the device.
+
+        Returns:
+            Tensor: 0-dim bool, whether the record was finite (stored).
+        """
         fields = {
             name: value
             for name, value in vars(record).items() if value is not None
         }
-        if key != self.key or set(fields) != set(self._buffers) or any(
-                self._buffers[n].shape[1:] != v.shape or
-                self._buffers[n].device != v.device or
-                self._buffers[n].dtype != v.dtype
-                for n, v in fields.items()):
+        ok = torch.isfinite(record.a_mean).all() & torch.isfinite(
+            record.a_nu).all()
+        if self.capacity == 0:
+            return ok
+        buffers = self._buffers
+        if key != self.key or set(fields) | set(_META) != set(buffers) or \
+                any(buffers[n].shape[1:] != v.shape or
+                    buffers[n].device != v.device or
+                    buffers[n].dtype != v.dtype
+                    for n, v in fields.items()):
             # A new producer or a new layout: the old entries do not apply.
             self.reset()
             self.key = key
-            self._buffers = {
+            buffers = self._buffers = {
                 name: value.new_zeros((self.capacity, ) + value.shape)
                 for name, value in fields.items()
             }
-        slot = self._next
+            dtype = record.a_mean.dtype
+            device = record.a_mean.device
+            buffers['iteration'] = torch.full((self.capacity, ),
+                                              _EMPTY_SLOT,
+                                              dtype=torch.int64,
+                                              device=device)
+            buffers['count'] = torch.zeros(
+                self.capacity, dtype=dtype, device=device)
+            buffers['ok'] = torch.zeros(
+                self.capacity, dtype=torch.bool, device=device)
+        if iteration in self.iterations:  # the same iteration again
+            slot = self.iterations.index(iteration)
+        else:
+            slot = self._next
+            self._next = (slot + 1) % self.capacity
+        zero = record.a_mean.new_zeros(())
         for name, value in fields.items():
-            self._buffers[name][slot].copy_(value)
+            torch.where(ok, value, zero, out=buffers[name][slot])
+        buffers['ok'][slot].copy_(ok)
+        buffers['count'][slot].fill_(count)
+        buffers['iteration'][slot].fill_(iteration)
         self.iterations[slot] = iteration
-        self._next = (slot + 1) % self.capacity
+        return ok
 
-    def compensated(
-        self, iteration: int, window: int, key: tuple,
-        weight: Optional[Tensor], bias: Optional[Tensor]
-    ) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
-        """Statistics of the stored entries at the current parameters.
+    def has_entries(self, iteration: int, lags: int, key: tuple) -> bool:
+        """Whether some slot holds an iteration ``t - lags .. t - 1`` of
+        this producer (host bookkeeping only)."""
+        return key == self.key and lags > 0 and any(
+            it is not None and 1 <= iteration - it <= lags
+            for it in self.iterations)
 
-        All slots are compensated (no gather copies); ``valid`` tells which
-        belong to the window.
+    def compensated(self, iteration: int, lags: int, key: tuple,
+                    weight: Optional[Tensor],
+                    bias: Optional[Tensor]) -> Optional[History]:
+        """The entries of lags ``1 .. lags`` at the current parameters.
+
+        All slots are compensated at once (no gather copies), then matched
+        to their lag on the device.
 
         Args:
             iteration (int): The current iteration ``t``.
-            window (int): The window ``k``; entries of iterations
-                ``t - k + 1 ... t - 1`` are valid.
+            lags (int): ``window - 1``: entries of iterations
+                ``t - lags ... t - 1`` are used.
             key (tuple): The current producer's identity.
             weight (Tensor, optional): The producer's current weight, if
-                trainable.
-            bias (Tensor, optional): The producer's current bias, if
-                trainable.
+                trainable and compensated.
+            bias (Tensor, optional): The producer's current bias, likewise.
 
         Returns:
-            tuple[Tensor] | None: ``(mean, nu, valid)`` of shapes (n, C),
-            (n, C) and (n, ) for the n slots, or None if no slot is valid.
+            History | None: One row per lag, or None if no slot belongs to
+            the window (known on the host).
         """
-        if key != self.key:
-            return None
-        valid = [
-            it is not None and 1 <= iteration - it <= window - 1
-            for it in self.iterations
-        ]
-        if not any(valid):
+        if not self.has_entries(iteration, lags, key):
             return None
         buf = self._buffers
         mean, nu = buf['a_mean'], buf['a_nu']
-        if 'pbar' in buf:
+        if 'pbar' in buf and weight is not None:
             w = weight.to(mean.dtype)
             mean = mean + _group_dot(buf['pbar'], w)
             nu = nu + _row_dot(buf['nu_grad'], w)
-        if 'mean' in buf:
+        if 'mean' in buf and bias is not None:
             b = bias.to(mean.dtype)
             mean = mean + b
             nu = nu + 2 * buf['mean'] * b
-        valid = torch.tensor(valid, device=mean.device)
-        return mean, nu, valid
+        finite = torch.isfinite(mean).all(1) & torch.isfinite(nu).all(1)
+        lag = iteration - buf['iteration']
+        wanted = torch.arange(1, lags + 1, device=lag.device)
+        in_window = lag.unsqueeze(0) == wanted.unsqueeze(1)  # (L, S)
+        usable = buf['ok'] & finite
+        match = (in_window & usable.unsqueeze(0)).to(mean.dtype)
+        dropped = (in_window.any(0) & buf['ok'] & ~finite).sum()
+        rows = usable.unsqueeze(1)
+        mean = torch.where(rows, mean, 0.)
+        nu = torch.where(rows, nu, 0.)
+        var = nu - mean.square()
+        return History(match @ buf['count'], match @ mean, match @ var,
+                       match @ buf['raw_mean'], match @ buf['raw_nu'],
+                       match @ nu, dropped)
+
+    # ---------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """The entries, on the CPU, for a checkpoint."""
+        return dict(
+            capacity=self.capacity,
+            iterations=list(self.iterations),
+            next=self._next,
+            key=self.key,
+            buffers={k: v.detach().cpu()
+                     for k, v in self._buffers.items()})
+
+    def load_state_dict(self, state: Dict[str, Any],
+                        device: torch.device) -> None:
+        """Restore what :meth:`state_dict` returned (key already mapped)."""
+        if state['capacity'] != self.capacity:
+            raise ValueError(f'a window of {state["capacity"]} earlier '
+                             f'entries cannot fill one of {self.capacity}')
+        self.iterations = list(state['iterations'])
+        self._next = int(state['next'])
+        self.key = state['key']
+        self._buffers = {
+            k: v.to(device)
+            for k, v in state['buffers'].items()
+        }
+
+
+def entry_shapes(state: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """Shapes of the per-entry tensors of a saved window (for checks)."""
+    return {k: tuple(v.shape[1:]) for k, v in state['buffers'].items()}

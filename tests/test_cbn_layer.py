@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmcbn import (CBN, CBN1d, CBN2d, CBN3d, binding_report,
-                   check_autograd_introspection, set_cbn_iteration)
+                   check_autograd_introspection, read_cbn_flags,
+                   set_cbn_iteration)
 from mmcbn.binding import find_producer
 
 
@@ -73,9 +74,11 @@ def test_window_starts_right_after_burnin():
     # statistics were recorded during burn-in: the window is full at once
     state = layer._windows[0]
     assert sorted(state.iterations) == [0, 1, 2]
-    assert state.compensated(3, 4, layer.bindings[0].key,
-                             cbn[0].weight.detach(),
-                             cbn[0].bias.detach())[0].shape == (3, 8)
+    history = state.compensated(3, 3, layer.bindings[0].key,
+                                cbn[0].weight.detach(), cbn[0].bias.detach())
+    # one row per lag 1..3 (iterations 2, 1, 0), each with its 2*6*6 samples
+    assert history.mean.shape == (3, 8)
+    assert history.count.tolist() == [72.0, 72.0, 72.0]
 
 
 def test_eval_mode_is_batchnorm_with_same_buffers():
@@ -245,11 +248,13 @@ def test_nonfinite_history_is_dropped_and_running_stats_stay_finite(mmlogs):
     y = model(x)
     # the only history entry was dropped: this iteration is plain BN
     torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
+    read_cbn_flags(model)  # warnings come when the device flags are read
     assert any('not finite' in m for m in mmlogs.messages)
     before = model[1].running_mean.clone()
     bad = torch.randn(2, 3, 6, 6)
     bad[0, 0, 0, 0] = float('inf')
     model(bad)
+    read_cbn_flags(model)
     assert any('running statistics were not updated' in m
                for m in mmlogs.messages)
     assert torch.isfinite(model[1].running_mean).all()
@@ -275,11 +280,12 @@ def test_bfloat16_autocast_keeps_float32_statistics():
         assert y.dtype == torch.bfloat16
         y.float().pow(2).mean().backward()
     state = model[1]._windows[0]
-    assert all(b.dtype == torch.float32 for b in state._buffers.values())
+    assert all(b.dtype == torch.float32 for n, b in state._buffers.items()
+               if n not in ('iteration', 'ok'))
     binding = model[1].bindings[0]
     # through autocast's cast, the fp32 parameter itself is found
     assert binding.status == 'bound'
-    assert binding.producer.weight.dtype == torch.float32
+    assert binding.weight_id == id(model[0].weight)
     assert model[1].running_var.dtype == torch.float32
     assert torch.isfinite(model[1].running_var).all()
 
