@@ -109,27 +109,15 @@ def true_stats(twin, model, convs_twin, x):
     return [_stats(tap.outputs[i]) for i in range(len(convs_twin))]
 
 
-def layer_compensated(layer, t):
+def layer_compensated(model, layer, t):
     """What the CBN layer would normalize with at iteration ``t``: a dict
-    lag -> (mean, var) read from its window state (mmcbn internals)."""
-    state = layer._windows[0]
+    lag -> (mean, var), compensated to the current parameters."""
     binding = layer.bindings[0]
     assert binding is not None and binding.status == 'bound', binding
-    prod = binding.producer
-    out = state.compensated(t, layer.window, binding.key, prod.weight,
-                            prod.bias)
-    assert out is not None
-    its = list(state.iterations)
-    if len(out) == 3:  # (mean, nu, valid) over all slots
-        mean, nu, valid = out
-        rows = [(r, it) for r, it in enumerate(its) if bool(valid[r])]
-    else:  # (mean, nu) over the valid slots only, in slot order
-        mean, nu = out
-        rows = list(enumerate(
-            it for it in its
-            if it is not None and 1 <= t - it <= layer.window - 1))
-    var = (nu - mean.square()).clamp(0)  # as CBN2d.forward uses them
-    return {t - it: (mean[r], var[r]) for r, it in rows}
+    from mmcbn import window_statistics
+    out = window_statistics(model, layer, 0, t)
+    assert out
+    return {lag: (mean, var) for lag, (mean, var, _) in out.items()}
 
 
 def producer_exact(rec, weight_now):
@@ -205,7 +193,7 @@ def run_trajectory(name, args, data, lr, probes, burnin_iter, n_iters):
                                    x_tr[history[s]['idx']])
                 tau = t - s
                 for li, layer in enumerate(layers):
-                    comp_m, comp_v = layer_compensated(layer, t)[tau]
+                    comp_m, comp_v = layer_compensated(model, layer, t)[tau]
                     rec = history[s]['layers'][li]
                     own_m, own_v = own_compensated(rec, convs[li].weight)
                     crosscheck = max(crosscheck, _rel(own_m, comp_m),

@@ -131,7 +131,8 @@ def loss_forward(model, data):
 
 
 def run(args):
-    from mmcbn import cbn_layers, set_cbn_iteration
+    from mmcbn import (cbn_layers, producer_parameters, set_cbn_iteration,
+                       window_statistics)
 
     torch.manual_seed(args.seed)
     model, loader, optim = build(args.data_root)
@@ -185,19 +186,14 @@ def run(args):
                     if pos >= len(truth[li]) or pos >= len(rec[li]):
                         continue  # e.g. a mask head without positives
                     binding = layer.bindings[pos]
-                    prod = binding.producer
-                    state = layer._windows[pos]
-                    out = state.compensated(t, WINDOW, binding.key,
-                                            prod.weight, prod.bias)
-                    slot = state.iterations.index(s)
-                    comp_m = out[0][slot]
-                    comp_v = (out[1][slot] - comp_m.square()).clamp(0)
+                    weight, bias = producer_parameters(model, binding)
+                    comp = window_statistics(model, layer, pos, t)
+                    comp_m, comp_v, _ = comp[tau]
                     true_m, true_v = truth[li][pos]['stats']
                     if true_m.shape != comp_m.shape:
                         continue
                     naive_m, naive_v = rec[li][pos]['stats']
-                    _, exact_v = producer_exact(rec[li][pos], prod.weight,
-                                                prod.bias)
+                    _, exact_v = producer_exact(rec[li][pos], weight, bias)
                     records.append(dict(
                         t=t, layer=depth, lag=tau,
                         naive_mean=_rel(naive_m, true_m),

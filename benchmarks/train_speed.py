@@ -22,6 +22,7 @@ variant down several times; ``OMP_WAIT_POLICY=PASSIVE`` avoids that.)
 """
 import json
 import os
+import math
 import os.path as osp
 import resource
 import statistics
@@ -140,8 +141,8 @@ def state_per_weight(model):
                         window.nbytes():
                     # the ring buffer holds `capacity` entries from the
                     # first record on
-                    w = binding.producer.weight
-                    stored += w.numel() * w.element_size() * window.capacity
+                    numel = math.prod(binding.key[2])  # the weight shape
+                    stored += numel * 4 * window.capacity
                     state += window.nbytes()
         elif hasattr(module, 'history') and module.history:  # authors'
             w = module.history[0][0]

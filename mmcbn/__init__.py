@@ -1,27 +1,32 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
 """mmcbn: Cross-Iteration Batch Normalization for the OpenMMLab 2.x stack.
 
-Importing mmcbn registers ``CBN``/``CBN1d``/``CBN2d``/``CBN3d`` in mmengine's
-root ``MODELS`` registry and ``CBNHook`` in its root ``HOOKS`` registry, and
+Importing mmcbn registers ``CBN``/``CBN1d``/``CBN2d``/``CBN3d`` and
+``SyncCBN``/``SyncCBN1d``/``SyncCBN2d``/``SyncCBN3d`` in mmengine's root
+``MODELS`` registry and ``CBNHook`` in its root ``HOOKS`` registry, and
 allow-lists mmengine's checkpoint contents for torch's weights-only loader.
 """
 from .binding import check_autograd_introspection, find_producer
 from .cbn import CBN, CBN1d, CBN2d, CBN3d
 from .checkpoint import load_checkpoint_file, register_safe_globals
 from .control import (binding_report, binding_summary, cbn_layers,
-                      name_cbn_layers, set_cbn_epoch_length,
-                      set_cbn_iteration)
+                      name_cbn_layers, producer_parameters,
+                      set_cbn_epoch_length, set_cbn_iteration,
+                      window_statistics)
 from .health import (read_cbn_flags, read_cbn_health, set_cbn_monitor)
 from .hooks import CBNHook
+from .sync_cbn import SyncCBN, SyncCBN1d, SyncCBN2d, SyncCBN3d
 from .optim import CPUAutocastOptimWrapper
 from .version import __version__
 
 register_safe_globals()
 
 __all__ = [
-    'CBN', 'CBN1d', 'CBN2d', 'CBN3d', 'CBNHook', 'set_cbn_iteration',
+    'CBN', 'CBN1d', 'CBN2d', 'CBN3d', 'SyncCBN', 'SyncCBN1d', 'SyncCBN2d',
+    'SyncCBN3d', 'CBNHook', 'set_cbn_iteration',
     'set_cbn_epoch_length', 'cbn_layers', 'name_cbn_layers',
     'binding_report', 'binding_summary', 'find_producer',
+    'producer_parameters', 'window_statistics',
     'check_autograd_introspection', 'load_checkpoint_file',
     'register_safe_globals', 'CPUAutocastOptimWrapper', 'read_cbn_flags',
     'read_cbn_health', 'set_cbn_monitor', '__version__'

@@ -229,13 +229,20 @@ class _CrossIterationBatchNorm:
             # dynamo traces no autograd graph to bind to: BatchNorm
             self._compiled = True
             return super().forward(x)
+        source = self._stats_source()
         if in_backward():
             # Activation checkpointing recomputes this call during backward.
             # The original call could not bind (grad off, or hooked saved
-            # tensors), so it was BatchNorm: reproduce it, touch no state.
-            return F.batch_norm(x, None, None, self.weight, self.bias, True,
-                                0.0, self.eps)
-        source = self._stats_source()
+            # tensors), so it used the current batch only: reproduce it,
+            # touch no state.
+            if not source.distributed:
+                return F.batch_norm(x, None, None, self.weight, self.bias,
+                                    True, 0.0, self.eps)
+            mean_t, var_t = batch_stats(x)
+            hist = empty_history(0, mean_t)
+            return window_norm(x, self.weight, self.bias, mean_t, var_t,
+                               hist.count, hist.mean, hist.var, self.eps,
+                               source)[0]
         m = x.numel() // x.shape[1]
         if m == 1 and not source.distributed:
             raise ValueError(

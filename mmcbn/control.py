@@ -10,9 +10,9 @@ them directly::
         ...
 """
 from collections import Counter
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
-from torch import nn
+from torch import Tensor, nn
 
 from .cbn import CBN_LAYERS
 from .health import read_cbn_flags
@@ -124,3 +124,60 @@ def binding_summary(model: nn.Module) -> str:
     if fallbacks:
         line += ' | fell back: ' + '; '.join(fallbacks)
     return line
+
+
+def producer_parameters(model: nn.Module, binding) -> Tuple[Optional[Tensor],
+                                                            Optional[Tensor]]:
+    """The current (weight, bias) of the producer a binding names, looked up
+    among ``model``'s parameters (None where absent or not a parameter)."""
+    params = {id(p): p for p in model.parameters()}
+    key = binding.key
+    if key[0] not in ('conv', 'linear'):
+        return None, None
+    weight, bias = params.get(key[1]), params.get(key[3])
+    return (None if weight is None else weight.detach(),
+            None if bias is None else bias.detach())
+
+
+def window_statistics(model: nn.Module,
+                      layer: nn.Module,
+                      position: int = 0,
+                      iteration: Optional[int] = None
+                      ) -> Dict[int, Tuple[Tensor, Tensor, Tensor]]:
+    """What ``layer`` would average from earlier iterations, compensated to
+    the current parameters of ``model`` (for studies and tests; one host
+    synchronization).
+
+    Args:
+        model (nn.Module): The model holding the layer and its producer.
+        layer (nn.Module): A CBN layer of ``model``.
+        position (int): The call position. Defaults to 0.
+        iteration (int, optional): The iteration to assume; defaults to
+            the one after the layer's last training forward.
+
+    Returns:
+        dict: lag -> ``(mean, var, count)`` of every usable earlier entry
+        inside the window (``var`` repaired, as the layer uses it).
+    """
+    binding = layer.bindings[position]
+    if binding is None or binding.status == 'unbound':
+        return {}
+    t = layer.iteration + 1 if iteration is None else iteration
+    weight = bias = None
+    if layer.compensate and binding.status == 'bound':
+        weight, bias = producer_parameters(model, binding)
+        if weight is None and binding.key[-2]:
+            raise ValueError(
+                f'{layer._name()}: the producer weight is computed, not a '
+                'parameter of the model; its window cannot be evaluated '
+                'from the model alone')
+    history = layer._windows[position].compensated(
+        t, layer.window_at(t) - 1, binding.key, weight, bias)
+    if history is None:
+        return {}
+    counts = history.count.tolist()
+    return {
+        lag + 1: (history.mean[lag], history.var[lag].clamp(min=0),
+                  history.count[lag])
+        for lag, n in enumerate(counts) if n > 0
+    }
