@@ -217,9 +217,13 @@ class _CrossIterationBatchNorm:
             self._iteration += 1
             position = 0
         while len(self._windows) <= position:
-            self._windows.append(WindowState(self.window - 1))
-            self.bindings.append(None)
+            self._add_position()
         return position, self._iteration
+
+    def _add_position(self) -> None:
+        """A window (and binding slot) for one more call position."""
+        self._windows.append(WindowState(self.window - 1))
+        self.bindings.append(None)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

@@ -1,5 +1,5 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
-"""Safe loading of mmengine checkpoints on torch >= 2.6.
+"""Checkpoints: safe loading on torch >= 2.6, and writes that cannot be torn.
 
 mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; since torch
 2.6 that means the weights-only unpickler, which rejects what mmengine puts
@@ -16,11 +16,14 @@ the types an mmengine runner writes:
 """
 import os
 import pickle
+import re
+import tempfile
 import zipfile
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from mmengine.fileio import LocalBackend, register_backend
 from mmengine.logging.history_buffer import HistoryBuffer
 
 #: The statistics HistoryBuffer registers for itself.
@@ -97,3 +100,126 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
         raise CheckpointError(
             f'{path}: expected a checkpoint dict, got {type(ckpt).__name__}')
     return ckpt
+
+
+# ----------------------------------------------------------------- writing
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's local file backend, with writes that cannot be torn.
+
+    - ``put``/``put_text`` write to a temporary file in the same directory,
+      flush it to disk and rename it over the target: a reader (or
+      ``--resume``) sees the old file or the new one, never a part.
+    - ``remove`` of a checkpoint (``*.pth``) renames it to
+      ``<name>.superseded`` and deletes it only once the next checkpoint in
+      that directory is complete, so ``max_keep_ckpts`` (which removes the
+      oldest checkpoint *before* writing the next) cannot leave a run with
+      no checkpoint when the process dies mid-write.
+
+    Registered as ``mmcbn_atomic``; :class:`mmcbn.CBNHook` gives it to the
+    runner's ``CheckpointHook`` when that writes to local files.
+    """
+
+    def put(self, obj: bytes, filepath) -> None:
+        self._write(filepath, obj, 'wb')
+
+    def put_text(self, obj: str, filepath, encoding: str = 'utf-8') -> None:
+        self._write(filepath, obj.encode(encoding), 'wb')
+
+    @staticmethod
+    def _write(filepath, data: bytes, mode: str) -> None:
+        filepath = os.fspath(filepath)
+        directory = os.path.dirname(filepath) or '.'
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix='.' + os.path.basename(filepath) + '.', suffix='.tmp',
+            dir=directory)
+        try:
+            with os.fdopen(fd, mode) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, filepath)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(directory)
+        if filepath.endswith('.pth'):
+            for name in os.listdir(directory):
+                if name.endswith('.pth' + SUPERSEDED):
+                    os.unlink(os.path.join(directory, name))
+
+    def remove(self, filepath) -> None:
+        filepath = os.fspath(filepath)
+        if filepath.endswith('.pth') and os.path.isfile(filepath):
+            os.replace(filepath, filepath + SUPERSEDED)
+        else:
+            super().remove(filepath)
+
+
+#: Suffix of a checkpoint removed before its successor was complete.
+SUPERSEDED = '.superseded'
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+register_backend('mmcbn_atomic', AtomicLocalBackend, force=True)
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a whole torch checkpoint (its zip directory,
+    written last, is intact); reads the directory, not the tensors."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    return any(name.endswith('data.pkl') for name in names)
+
+
+def _step_of(name: str) -> Tuple[int, int]:
+    match = re.match(r'^(epoch|iter)_(\d+)\.pth', name)
+    return (0, -1) if match is None else (
+        1 if match.group(1) == 'iter' else 0, int(match.group(2)))
+
+
+def find_latest_complete_checkpoint(work_dir: str) -> Optional[str]:
+    """The checkpoint ``--resume`` should continue from.
+
+    ``last_checkpoint`` (mmengine's pointer) when it names a complete file;
+    otherwise the newest complete ``epoch_N.pth``/``iter_N.pth`` (or one
+    set aside by :class:`AtomicLocalBackend`) in ``work_dir``. A file torn
+    by a killed process is never chosen.
+
+    Returns:
+        str | None: The path, or None if there is no complete checkpoint.
+    """
+    pointer = os.path.join(work_dir, 'last_checkpoint')
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            named = f.read().strip()
+        if named and is_complete_checkpoint(named):
+            return named
+    if not os.path.isdir(work_dir):
+        return None
+    candidates = [
+        name for name in os.listdir(work_dir)
+        if re.match(r'^(epoch|iter)_\d+\.pth(' + re.escape(SUPERSEDED) +
+                    ')?$', name)
+    ]
+    for name in sorted(candidates, key=_step_of, reverse=True):
+        path = os.path.join(work_dir, name)
+        if is_complete_checkpoint(path):
+            return path
+    return None

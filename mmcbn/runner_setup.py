@@ -97,8 +97,11 @@ def enable_amp(cfg: Config) -> None:
 def apply_resume(cfg: Config, resume: Optional[str]) -> None:
     """``--resume`` (latest checkpoint in the work dir) or ``--resume PATH``."""
     if resume == 'auto':
+        # the newest *complete* checkpoint: never one torn by a process
+        # killed while writing it (mmengine would follow last_checkpoint)
+        from .checkpoint import find_latest_complete_checkpoint
         cfg.resume = True
-        cfg.load_from = None
+        cfg.load_from = find_latest_complete_checkpoint(cfg.work_dir)
     elif resume is not None:
         if not osp.isfile(resume):
             raise FileNotFoundError(f'--resume {resume}: no such checkpoint')

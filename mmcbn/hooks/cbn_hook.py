@@ -1,37 +1,79 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
 """A runner hook that keeps the CBN layers in step with the runner."""
+import logging
 from typing import Optional, Sequence
 
+import torch.distributed as dist
+from mmengine.dist import get_rank, get_world_size, is_distributed
 from mmengine.hooks import Hook
+from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from ..control import (binding_summary, cbn_layers, name_cbn_layers,
                        set_cbn_epoch_length, set_cbn_iteration)
+from ..health import (health_warnings, read_cbn_flags, read_cbn_health,
+                      set_cbn_monitor)
+from ..resume import (WindowStateMismatch, collect_window_state,
+                      restore_window_state)
 
 DATA_BATCH = Optional[Sequence[dict]]
+#: Where the window state goes in a checkpoint (beside ``state_dict``).
+CKPT_KEY = 'cbn_windows'
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f'CBNHook {name} must be True or False, got '
+                         f'{value!r}')
+    return value
 
 
 @HOOKS.register_module()
 class CBNHook(Hook):
-    """Tell every CBN layer the runner's iteration.
+    """Keep every CBN layer in step with the runner, log its health, and
+    save its window state for exact resume.
 
-    Before each training iteration it calls ``start_iteration(runner.iter)``
-    on every CBN layer, so burn-in and the window boundaries follow the
-    runner's counter (and survive ``--resume``), and a layer called several
-    times in one iteration (a head shared over FPN levels) keeps one window
-    per call position. Before training it converts ``burnin`` given in
-    epochs with the train dataloader's length and names the layers for
-    messages; after the first iteration it logs how every CBN layer was
-    bound to its producing layer.
-
-    Recorded window statistics are not saved in checkpoints (they would
-    cost up to ``window - 1`` gradient-sized tensors per layer): after a
-    resume each window refills within ``window - 1`` iterations.
+    - Before each training iteration it calls
+      ``start_iteration(runner.iter)`` on every CBN layer, so burn-in and the
+      window boundaries follow the runner's counter, and a layer called
+      several times in one iteration (a head shared over FPN levels) keeps
+      one window per call position. Before training it converts ``burnin``
+      given in epochs with the train dataloader's length.
+    - In the iterations the ``LoggerHook`` logs, the layers compute health
+      metrics on the device; the hook reads them (one host synchronization
+      per log interval, none in between) into the message hub as
+      ``train/cbn/<metric>`` scalars, which the text log, ``scalars.json``
+      and every visualizer backend receive. It also reads the layers'
+      event counters then and logs their warnings once.
+    - It puts the window state of every layer beside the model's state
+      dict in each checkpoint (``checkpoint['cbn_windows']``) and restores
+      it on ``--resume``: a resumed run continues exactly. ``load_from``
+      (fine-tuning) starts with empty windows.
+    - It makes the ``CheckpointHook`` write local checkpoints atomically
+      (:class:`mmcbn.checkpoint.AtomicLocalBackend`), so a process killed
+      while saving leaves the previous checkpoint intact.
 
     Args:
         log_bindings (bool): Log the binding summary after the first
             training iteration. Defaults to True.
+        health (bool): Compute and log the health metrics. Defaults to True.
+        health_by_group (bool): Also log each metric per layer group
+            (backbone, neck, head), as ``cbn/<metric>/<group>``. Defaults
+            to False.
+        interval (int, optional): Log interval in iterations when the
+            runner has no ``LoggerHook``; otherwise the ``LoggerHook``'s
+            schedule is followed. Defaults to None (50).
+        save_window (bool): Save the window state in checkpoints. False
+            keeps checkpoints as small as BN's; a resume then refills the
+            windows within ``window - 1`` iterations. Defaults to True.
+        resume_window (bool): Restore the window state on resume. A
+            checkpoint whose window state does not fit the model is
+            rejected with a message naming the first mismatch; set False to
+            resume without it. Defaults to True.
+        atomic_checkpoints (bool): Give the ``CheckpointHook`` the atomic
+            local backend (only when it has no backend configured).
+            Defaults to True.
 
     Example:
         >>> custom_hooks = [dict(type='CBNHook')]
@@ -39,15 +81,45 @@ class CBNHook(Hook):
 
     priority = 'NORMAL'
 
-    def __init__(self, log_bindings: bool = True) -> None:
-        self.log_bindings = log_bindings
+    def __init__(self,
+                 log_bindings: bool = True,
+                 health: bool = True,
+                 health_by_group: bool = False,
+                 interval: Optional[int] = None,
+                 save_window: bool = True,
+                 resume_window: bool = True,
+                 atomic_checkpoints: bool = True) -> None:
+        self.log_bindings = _check_bool('log_bindings', log_bindings)
+        self.health = _check_bool('health', health)
+        self.health_by_group = _check_bool('health_by_group',
+                                           health_by_group)
+        if interval is not None and (isinstance(interval, bool) or
+                                     not isinstance(interval, int) or
+                                     interval < 1):
+            raise ValueError('CBNHook interval must be None or an integer '
+                             f'>= 1, got {interval!r}')
+        self.interval = interval
+        self.save_window = _check_bool('save_window', save_window)
+        self.resume_window = _check_bool('resume_window', resume_window)
+        self.atomic_checkpoints = _check_bool('atomic_checkpoints',
+                                              atomic_checkpoints)
         self._logged = False
+        self._monitoring = False
+        self._gathered = None
 
     @staticmethod
     def _model(runner):
         model = runner.model
         return model.module if is_model_wrapper(model) else model
 
+    @staticmethod
+    def _find_hook(runner, name: str):
+        for hook in runner.hooks:
+            if type(hook).__name__ == name:
+                return hook
+        return None
+
+    # ------------------------------------------------------------ training
     def before_train(self, runner) -> None:
         model = self._model(runner)
         count = name_cbn_layers(model)
@@ -65,18 +137,136 @@ class CBNHook(Hook):
             f'({iters} iterations)' for w, b, by_ep, iters in settings)
         runner.logger.info(f'CBNHook: {count} CBN layers, {desc}; '
                            f'{iters_per_epoch} iterations per epoch.')
+        if getattr(runner, '_compile', False):
+            runner.logger.warning(
+                'CBNHook: the model is compiled (compile=True). Inside '
+                'torch.compile there is no autograd graph to find the '
+                'producing layers in, so every CBN layer runs as '
+                'BatchNorm (window 1). Train without compile to use CBN.')
+        if self.atomic_checkpoints:
+            ckpt_hook = self._find_hook(runner, 'CheckpointHook')
+            if ckpt_hook is not None and ckpt_hook.backend_args is None and \
+                    ckpt_hook.file_client_args is None and '://' not in str(
+                        ckpt_hook.out_dir or runner.work_dir):
+                ckpt_hook.backend_args = dict(backend='mmcbn_atomic')
+
+    def _logs_this_iter(self, runner, batch_idx: int) -> bool:
+        """Whether the LoggerHook logs after this iteration."""
+        logger = self._find_hook(runner, 'LoggerHook')
+        if logger is None or self.interval is not None:
+            return self.every_n_train_iters(runner, self.interval or 50)
+        if logger.every_n_inner_iters(batch_idx, logger.interval):
+            return True
+        return bool(
+            self.end_of_epoch(runner.train_dataloader, batch_idx) and
+            (not logger.ignore_last or
+             len(runner.train_dataloader) <= logger.interval))
 
     def before_train_iter(self,
                           runner,
                           batch_idx: int,
                           data_batch: DATA_BATCH = None) -> None:
-        set_cbn_iteration(self._model(runner), runner.iter)
+        model = self._model(runner)
+        set_cbn_iteration(model, runner.iter)
+        monitor = self.health and self._logs_this_iter(runner, batch_idx)
+        if monitor != self._monitoring:
+            set_cbn_monitor(model, monitor)
+            self._monitoring = monitor
 
     def after_train_iter(self,
                          runner,
                          batch_idx: int,
                          data_batch: DATA_BATCH = None,
                          outputs: Optional[dict] = None) -> None:
+        model = self._model(runner)
         if self.log_bindings and not self._logged:
             self._logged = True
-            runner.logger.info(binding_summary(self._model(runner)))
+            runner.logger.info(binding_summary(model))
+        if self._monitoring:
+            read_cbn_flags(model)
+            metrics = read_cbn_health(model, by_group=self.health_by_group)
+            for name, value in metrics.items():
+                runner.message_hub.update_scalar(f'train/cbn/{name}', value)
+            health_warnings(model)
+        ckpt_hook = self._find_hook(runner, 'CheckpointHook')
+        if ckpt_hook is not None and not ckpt_hook.by_epoch and (
+                ckpt_hook.every_n_train_iters(runner, ckpt_hook.interval,
+                                              ckpt_hook.save_begin) or
+                (ckpt_hook.save_last and self.is_last_train_iter(runner))):
+            self._gather_windows(runner)
+
+    def after_train_epoch(self, runner) -> None:
+        ckpt_hook = self._find_hook(runner, 'CheckpointHook')
+        if ckpt_hook is not None and ckpt_hook.by_epoch and (
+                ckpt_hook.every_n_epochs(runner, ckpt_hook.interval,
+                                         ckpt_hook.save_begin) or
+                (ckpt_hook.save_last and self.is_last_train_epoch(runner))):
+            self._gather_windows(runner)
+
+    def after_train(self, runner) -> None:
+        read_cbn_flags(self._model(runner))  # warn about the last interval
+
+    # --------------------------------------------------------- checkpoints
+    def _gather_windows(self, runner) -> None:
+        """Collect every process's window state on rank 0 (a collective:
+        all processes call it at the same point, before rank 0 saves)."""
+        if not self.save_window:
+            return
+        state = collect_window_state(self._model(runner))
+        if is_distributed() and get_world_size() > 1:
+            states = [None] * get_world_size() if get_rank() == 0 else None
+            dist.gather_object(state, states, dst=0)
+            self._gathered = (runner.iter, states)
+        else:
+            self._gathered = (runner.iter, [state])
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if not self.save_window or not any(
+                True for _ in cbn_layers(self._model(runner))):
+            return
+        gathered = self._gathered
+        if gathered is None or gathered[0] != runner.iter:
+            if is_distributed() and get_world_size() > 1:
+                # e.g. a best checkpoint after validation: other processes'
+                # windows are not at hand, so this one gets none
+                return
+            gathered = (runner.iter,
+                        [collect_window_state(self._model(runner))])
+        checkpoint[CKPT_KEY] = dict(ranks=gathered[1])
+        self._gathered = None
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        if not getattr(runner, '_resume', False):
+            return  # load_from: fine-tuning starts with empty windows
+        model = self._model(runner)
+        if not any(True for _ in cbn_layers(model)):
+            return
+        saved = checkpoint.get(CKPT_KEY)
+        if not self.resume_window:
+            runner.logger.info('CBNHook: resume_window=False: the CBN '
+                               'windows start empty and refill.')
+            return
+        if saved is None:
+            runner.logger.info(
+                'CBNHook: the checkpoint holds no CBN window state; the '
+                'windows refill within window - 1 iterations.')
+            return
+        ranks = saved['ranks']
+        world, rank = get_world_size(), get_rank()
+        try:
+            if len(ranks) != world:
+                raise WindowStateMismatch(
+                    f'it was saved by {len(ranks)} processes and this run has '
+                    f'{world}')
+            count = restore_window_state(model, ranks[rank])
+        except WindowStateMismatch as err:
+            raise WindowStateMismatch(
+                f'CBNHook cannot resume the CBN window state: {err}. To '
+                'resume without it (the windows then refill within '
+                "window - 1 iterations), use dict(type='CBNHook', "
+                'resume_window=False).') from None
+        print_log(
+            f'CBNHook: restored the window state of {count} CBN call '
+            'positions.',
+            logger='current',
+            level=logging.INFO)
