@@ -120,13 +120,16 @@ class AtomicLocalBackend(LocalBackend):
     """
 
     def put(self, obj: bytes, filepath) -> None:
-        self._write(filepath, obj, 'wb')
+        self._write(filepath, obj)
 
     def put_text(self, obj: str, filepath, encoding: str = 'utf-8') -> None:
-        self._write(filepath, obj.encode(encoding), 'wb')
+        self._write(filepath, obj.encode(encoding))
 
     @staticmethod
-    def _write(filepath, data: bytes, mode: str) -> None:
+    def _write_data(f, data: bytes) -> None:
+        f.write(data)
+
+    def _write(self, filepath, data: bytes) -> None:
         filepath = os.fspath(filepath)
         directory = os.path.dirname(filepath) or '.'
         os.makedirs(directory, exist_ok=True)
@@ -134,8 +137,8 @@ class AtomicLocalBackend(LocalBackend):
             prefix='.' + os.path.basename(filepath) + '.', suffix='.tmp',
             dir=directory)
         try:
-            with os.fdopen(fd, mode) as f:
-                f.write(data)
+            with os.fdopen(fd, 'wb') as f:
+                self._write_data(f, data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, filepath)

@@ -6,6 +6,7 @@ torchrun starts) can use them with ``custom_imports=['tiny_cbn']``.
 """
 import json
 import os.path as osp
+import time
 
 import torch
 from mmcv.cnn import ConvModule
@@ -103,3 +104,58 @@ def tiny_config(work_dir, max_epochs=3, norm_cfg=None, extra_hooks=()):
         custom_hooks=[dict(type='CBNHook'), *extra_hooks],
         randomness=dict(seed=0),
         default_scope=None)
+
+
+@MODELS.register_module()
+class TinyCBNNetPartial(TinyCBNNet):
+    """TinyCBNNet whose second norm is plain BN (another layer set)."""
+
+    def __init__(self, norm_cfg):
+        super().__init__(norm_cfg)
+        self.conv2 = ConvModule(
+            8, 8, 3, stride=2, padding=1, norm_cfg=dict(type='BN'))
+
+
+#: The checkpoint the slow test backends write slowly.
+SLOW_NAME = 'epoch_2.pth'
+
+
+def _slow_write(f, data, filepath):
+    """Write a quarter, say so in a marker file, then stall (a test kills
+    the process here), then write the rest."""
+    if not str(filepath).endswith(SLOW_NAME):
+        f.write(data)
+        return
+    f.write(data[:len(data) // 4])
+    f.flush()
+    with open(osp.join(osp.dirname(str(filepath)), 'writing.marker'),
+              'w') as marker:
+        marker.write(str(filepath))
+    time.sleep(120)
+    f.write(data[len(data) // 4:])
+
+
+def _register_slow_backends():
+    from mmengine.fileio import LocalBackend, register_backend
+
+    from mmcbn.checkpoint import AtomicLocalBackend
+
+    class SlowAtomic(AtomicLocalBackend):
+        """mmcbn's atomic backend, writing SLOW_NAME slowly."""
+
+        def _write(self, filepath, data):
+            self._write_data = lambda f, d: _slow_write(f, d, filepath)
+            super()._write(filepath, data)
+
+    class SlowPlain(LocalBackend):
+        """mmengine's plain local backend (writes in place), slowly."""
+
+        def put(self, obj, filepath):
+            with open(filepath, 'wb') as f:
+                _slow_write(f, obj, filepath)
+
+    register_backend('slow_atomic', SlowAtomic, force=True)
+    register_backend('slow_plain', SlowPlain, force=True)
+
+
+_register_slow_backends()
