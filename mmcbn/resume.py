@@ -71,6 +71,7 @@ def collect_window_state(model: nn.Module) -> Dict[str, Any]:
             num_features=layer.num_features,
             window=layer.window,
             compensate=layer.compensate,
+            store_dtype=layer.store_dtype,
             iteration=layer.iteration,
             external_iteration=layer._external_iteration,
             positions=positions)
@@ -99,7 +100,7 @@ def _check(model: nn.Module, state: Dict[str, Any]) -> None:
     params = dict(model.named_parameters())
     for name, layer in layers.items():
         entry = saved[name]
-        for field in ('num_features', 'window', 'compensate'):
+        for field in ('num_features', 'window', 'compensate', 'store_dtype'):
             ours = getattr(layer, field)
             if entry[field] != ours:
                 raise WindowStateMismatch(

@@ -92,8 +92,13 @@ def _row_dot(grad: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def make_record(binding: Binding, x: Tensor, mean: Tensor, var: Tensor,
-                compensate: bool) -> Record:
+def make_record(binding: Binding,
+                x: Tensor,
+                mean: Tensor,
+                var: Tensor,
+                compensate: bool,
+                moment_stride: int = 1,
+                phase: Tuple[int, ...] = ()) -> Record:
     """Build the record of the current iteration (no grad).
 
     Args:
@@ -102,6 +107,8 @@ def make_record(binding: Binding, x: Tensor, mean: Tensor, var: Tensor,
         mean (Tensor): Its per-channel mean.
         var (Tensor): Its per-channel biased variance.
         compensate (bool): False records plain statistics (naive CBN).
+        moment_stride (int): Subsampling of ``d nu / d W`` (1: exact).
+        phase (tuple[int]): Its first position per spatial dimension.
     """
     nu = var + mean.square()
     prod = binding.producer
@@ -113,7 +120,7 @@ def make_record(binding: Binding, x: Tensor, mean: Tensor, var: Tensor,
     if prod.weight is not None:
         weight = prod.weight.to(dtype)
         record.pbar = prod.patch_mean(x)
-        record.nu_grad = prod.moment_weight_grad(x)
+        record.nu_grad = prod.moment_weight_grad(x, moment_stride, phase)
         a_mean -= _group_dot(record.pbar, weight)
         a_nu -= _row_dot(record.nu_grad, weight)
     if prod.bias is not None:
@@ -161,10 +168,17 @@ class WindowState:
 
     Args:
         capacity (int): Number of earlier iterations kept (window - 1).
+        store_dtype (torch.dtype, optional): dtype of the stored
+            weight-sized ``d nu / d W`` entries; None keeps theirs.
     """
 
-    def __init__(self, capacity: int) -> None:
+    #: Records stored in ``store_dtype`` (the weight-sized ones).
+    _COMPRESSIBLE = ('nu_grad', )
+
+    def __init__(self, capacity: int,
+                 store_dtype: Optional[torch.dtype] = None) -> None:
         self.capacity = capacity
+        self.store_dtype = store_dtype
         self.reset()
 
     def reset(self) -> None:
@@ -202,16 +216,22 @@ class WindowState:
         if self.capacity == 0:
             return ok
         buffers = self._buffers
+        dtypes = {
+            name: self.store_dtype if self.store_dtype is not None and
+            name in self._COMPRESSIBLE else value.dtype
+            for name, value in fields.items()
+        }
         if key != self.key or set(fields) | set(_META) != set(buffers) or \
                 any(buffers[n].shape[1:] != v.shape or
                     buffers[n].device != v.device or
-                    buffers[n].dtype != v.dtype
+                    buffers[n].dtype != dtypes[n]
                     for n, v in fields.items()):
             # A new producer or a new layout: the old entries do not apply.
             self.reset()
             self.key = key
             buffers = self._buffers = {
-                name: value.new_zeros((self.capacity, ) + value.shape)
+                name: value.new_zeros((self.capacity, ) + value.shape,
+                                      dtype=dtypes[name])
                 for name, value in fields.items()
             }
             dtype = record.a_mean.dtype
@@ -231,7 +251,11 @@ class WindowState:
             self._next = (slot + 1) % self.capacity
         zero = record.a_mean.new_zeros(())
         for name, value in fields.items():
-            torch.where(ok, value, zero, out=buffers[name][slot])
+            target = buffers[name][slot]
+            if target.dtype == value.dtype:
+                torch.where(ok, value, zero, out=target)
+            else:  # converted while copied; zeroed if not finite
+                target.copy_(value).masked_fill_(~ok, 0)
         buffers['ok'][slot].copy_(ok)
         buffers['count'][slot].fill_(count)
         buffers['iteration'][slot].fill_(iteration)

@@ -63,6 +63,7 @@ def build(kind, **kw):
     ('cbn', dict(window=4, compensate=False)),
     ('cbn', dict(window=4, running_stats_from='window')),
     ('cbn', dict(window=4, momentum=None)),
+    ('cbn', dict(window=4, moment_stride=2, store_dtype='bfloat16')),
 ])
 @pytest.mark.parametrize('hook', [False, True])
 def test_training_step_makes_no_host_synchronization(kind, kw, hook):
