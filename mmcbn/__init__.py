@@ -11,7 +11,8 @@ from .cbn import CBN, CBN1d, CBN2d, CBN3d
 from .checkpoint import load_checkpoint_file, register_safe_globals
 from .control import (binding_report, binding_summary, cbn_layers,
                       name_cbn_layers, producer_parameters,
-                      set_cbn_epoch_length, set_cbn_iteration,
+                      set_cbn_accumulation, set_cbn_epoch_length,
+                      set_cbn_iteration,
                       window_statistics)
 from .health import (read_cbn_flags, read_cbn_health, set_cbn_monitor)
 from .hooks import CBNHook
@@ -24,7 +25,8 @@ register_safe_globals()
 __all__ = [
     'CBN', 'CBN1d', 'CBN2d', 'CBN3d', 'SyncCBN', 'SyncCBN1d', 'SyncCBN2d',
     'SyncCBN3d', 'CBNHook', 'set_cbn_iteration',
-    'set_cbn_epoch_length', 'cbn_layers', 'name_cbn_layers',
+    'set_cbn_epoch_length', 'set_cbn_accumulation', 'cbn_layers',
+    'name_cbn_layers',
     'binding_report', 'binding_summary', 'find_producer',
     'producer_parameters', 'window_statistics',
     'check_autograd_introspection', 'load_checkpoint_file',

@@ -150,6 +150,10 @@ class _CrossIterationBatchNorm:
         self.iters_per_epoch: Optional[int] = None
         #: Name in the model, for messages (set by CBNHook or the helpers).
         self.cbn_name: Optional[str] = None
+        #: Micro-batches per optimizer step (gradient accumulation), and
+        #: whether ``window`` counts such cycles (set by CBNHook).
+        self.cycle_length = 1
+        self.window_in_cycles = False
         self._iteration = -1
         self._external_iteration = False
         self._call_position = 0
@@ -199,6 +203,44 @@ class _CrossIterationBatchNorm:
     def window_at(self, iteration: int) -> int:
         """The window used at ``iteration`` (1 during burn-in)."""
         return 1 if iteration < self.burnin_iters else self.window
+
+    def history_lags(self, iteration: int) -> int:
+        """How many earlier iterations the window reaches back at
+        ``iteration``: ``window - 1`` (0 in burn-in); with a window counted
+        in accumulation cycles, the earlier micro-batches of this cycle and
+        every micro-batch of the ``window - 1`` cycles before."""
+        if self.capacity == 0 or iteration < self.burnin_iters:
+            return 0
+        if self.window_in_cycles:
+            return (self.window - 1) * self.cycle_length + \
+                iteration % self.cycle_length
+        return self.window - 1
+
+    @property
+    def capacity(self) -> int:
+        """Earlier iterations a window stores."""
+        if self.window_in_cycles:
+            return self.window * self.cycle_length - 1
+        return self.window - 1
+
+    def set_accumulation(self, cycle_length: int,
+                         window_in_cycles: bool = False) -> None:
+        """Gradient accumulation over ``cycle_length`` micro-batches.
+
+        Inside a cycle the weights do not change, so the entries of earlier
+        micro-batches of the same cycle are used exactly as recorded (no
+        Taylor term): the window holds the exact statistics of the
+        accumulated batch. With ``window_in_cycles`` the window counts
+        cycles: micro-batch ``j`` of a cycle uses the ``j`` before it and
+        all micro-batches of the ``window - 1`` cycles before.
+        """
+        cycle_length = _check_int('cycle_length', cycle_length, 1)
+        before = self.capacity
+        self.cycle_length = cycle_length
+        self.window_in_cycles = bool(window_in_cycles) and cycle_length > 1
+        if self.capacity != before:
+            self._windows.clear()
+            self.bindings.clear()
 
     def window_state_nbytes(self) -> int:
         """Bytes of recorded statistics held for all call positions."""
@@ -256,7 +298,7 @@ class _CrossIterationBatchNorm:
     def _add_position(self) -> None:
         """A window (and binding slot) for one more call position."""
         self._windows.append(
-            WindowState(self.window - 1, STORE_DTYPES[self.store_dtype]))
+            WindowState(self.capacity, STORE_DTYPES[self.store_dtype]))
         self.bindings.append(None)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -291,11 +333,11 @@ class _CrossIterationBatchNorm:
             # BatchNorm's own behaviour on an empty batch (an RoI head with
             # no RoI): empty output, running statistics unchanged
             return super().forward(x)
-        if self.window == 1 and not source.distributed:
+        if self.capacity == 0 and not source.distributed:
             return self._batch_norm(x)[0]
         state = self._windows[position]
-        lags = self.window_at(iteration) - 1
-        binding = self._bind(x, position) if self.window > 1 else None
+        lags = self.history_lags(iteration)
+        binding = self._bind(x, position) if self.capacity > 0 else None
         bound = binding is not None and binding.status != 'unbound'
         history = None
         if bound and lags > 0:
@@ -304,7 +346,8 @@ class _CrossIterationBatchNorm:
             history = state.compensated(
                 iteration, lags, binding.key,
                 prod.weight if use_comp and prod is not None else None,
-                prod.bias if use_comp and prod is not None else None)
+                prod.bias if use_comp and prod is not None else None,
+                cycle=iteration // self.cycle_length)
         if history is None and not source.distributed:
             y, mean_t, var_t = self._batch_norm(x)
             stats = None
@@ -332,9 +375,10 @@ class _CrossIterationBatchNorm:
                     for d in range(x.dim() - 2)) if stride > 1 else ()
                 record = make_record(binding, xs, mean_t, var_t,
                                      self.compensate, stride, phase)
-                ok = state.push(iteration, binding.key, record, m)
+                ok = state.push(iteration, binding.key, record, m,
+                                iteration // self.cycle_length)
                 self._flag(NOT_STORED, ~ok)
-        if self._monitor and self.window > 1:
+        if self._monitor and self.capacity > 0:
             observe(self, history, stats, mean_t, var_t, lags)
         return y
 

@@ -49,6 +49,17 @@ def set_cbn_iteration(model: nn.Module, iteration: int) -> None:
         layer.start_iteration(iteration)
 
 
+def set_cbn_accumulation(model: nn.Module,
+                         cycle_length: int,
+                         window_in_cycles: bool = False) -> None:
+    """Tell every CBN layer that gradients accumulate over ``cycle_length``
+    micro-batches (iterations) per optimizer step, counted from iteration
+    0; see :meth:`mmcbn.CBN2d.set_accumulation`. :class:`mmcbn.CBNHook`
+    calls it from the runner's ``accumulative_counts``."""
+    for _, layer in cbn_layers(model):
+        layer.set_accumulation(cycle_length, window_in_cycles)
+
+
 def set_cbn_epoch_length(model: nn.Module, iters_per_epoch: int) -> None:
     """Set the epoch length used to convert ``burnin`` given in epochs."""
     if isinstance(iters_per_epoch, bool) or not isinstance(
@@ -172,7 +183,8 @@ def window_statistics(model: nn.Module,
                 'parameter of the model; its window cannot be evaluated '
                 'from the model alone')
     history = layer._windows[position].compensated(
-        t, layer.window_at(t) - 1, binding.key, weight, bias)
+        t, layer.history_lags(t), binding.key, weight, bias,
+        cycle=t // layer.cycle_length)
     if history is None:
         return {}
     counts = history.count.tolist()

@@ -12,8 +12,8 @@ call of :func:`read_cbn_flags` / :func:`read_cbn_health` after a step.
 Health metrics, per layer and call position, averaged over the monitored
 calls since the last read:
 
-- ``window_fill``: earlier entries used / ``window - 1`` (0 in burn-in, 1
-  with a full window);
+- ``window_fill``: earlier entries used / entries a full window holds (0
+  in burn-in, 1 with a full window);
 - ``repaired_frac``: fraction of (earlier entry, channel) pairs whose
   compensated variance was negative and needed the ``max(nu, mu^2)``
   repair;
@@ -86,7 +86,7 @@ def observe(layer, history, stats, mean_t: Tensor, var_t: Tensor,
         return  # window_fill 0: no earlier entry was used
     eps = layer.eps
     hist_keep = stats.keep[1:]
-    acc[_FILL].add_((hist_keep.sum() / max(layer.window - 1, 1)))
+    acc[_FILL].add_((hist_keep.sum() / max(layer.capacity, 1)))
     channels = stats.mean.shape[1]
     acc[_REP].add_(((stats.var[1:] < 0) & hist_keep.unsqueeze(1)).sum())
     acc[_REP_N].add_(hist_keep.sum() * channels)

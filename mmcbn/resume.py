@@ -72,6 +72,7 @@ def collect_window_state(model: nn.Module) -> Dict[str, Any]:
             window=layer.window,
             compensate=layer.compensate,
             store_dtype=layer.store_dtype,
+            capacity=layer.capacity,
             iteration=layer.iteration,
             external_iteration=layer._external_iteration,
             positions=positions)
@@ -100,7 +101,8 @@ def _check(model: nn.Module, state: Dict[str, Any]) -> None:
     params = dict(model.named_parameters())
     for name, layer in layers.items():
         entry = saved[name]
-        for field in ('num_features', 'window', 'compensate', 'store_dtype'):
+        for field in ('num_features', 'window', 'compensate', 'store_dtype',
+                      'capacity'):
             ours = getattr(layer, field)
             if entry[field] != ours:
                 raise WindowStateMismatch(

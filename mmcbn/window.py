@@ -35,7 +35,7 @@ from .binding import Binding
 #: The iteration an empty slot pretends to hold: never inside a window.
 _EMPTY_SLOT = -(1 << 62)
 #: Per-slot bookkeeping tensors (not records).
-_META = ('iteration', 'count', 'ok')
+_META = ('iteration', 'cycle', 'count', 'ok')
 
 
 @dataclass
@@ -197,9 +197,12 @@ class WindowState:
         return sum(b.numel() * b.element_size()
                    for b in self._buffers.values())
 
-    def push(self, iteration: int, key: tuple, record: Record,
-             count: int) -> Tensor:
+    def push(self, iteration: int, key: tuple, record: Record, count: int,
+             cycle: Optional[int] = None) -> Tensor:
         """Store the record of ``iteration`` over the oldest entry.
+
+        ``cycle`` is the accumulation cycle of ``iteration`` (default: the
+        iteration itself): entries of the current cycle are exact.
 
         A record with a non-finite statistic is stored as zeros and marked
         unusable, decided on the device.
@@ -240,6 +243,10 @@ class WindowState:
                                               _EMPTY_SLOT,
                                               dtype=torch.int64,
                                               device=device)
+            buffers['cycle'] = torch.full((self.capacity, ),
+                                          _EMPTY_SLOT,
+                                          dtype=torch.int64,
+                                          device=device)
             buffers['count'] = torch.zeros(
                 self.capacity, dtype=dtype, device=device)
             buffers['ok'] = torch.zeros(
@@ -259,6 +266,7 @@ class WindowState:
         buffers['ok'][slot].copy_(ok)
         buffers['count'][slot].fill_(count)
         buffers['iteration'][slot].fill_(iteration)
+        buffers['cycle'][slot].fill_(iteration if cycle is None else cycle)
         self.iterations[slot] = iteration
         return ok
 
@@ -269,9 +277,13 @@ class WindowState:
             it is not None and 1 <= iteration - it <= lags
             for it in self.iterations)
 
-    def compensated(self, iteration: int, lags: int, key: tuple,
+    def compensated(self,
+                    iteration: int,
+                    lags: int,
+                    key: tuple,
                     weight: Optional[Tensor],
-                    bias: Optional[Tensor]) -> Optional[History]:
+                    bias: Optional[Tensor],
+                    cycle: Optional[int] = None) -> Optional[History]:
         """The entries of lags ``1 .. lags`` at the current parameters.
 
         All slots are compensated at once (no gather copies), then matched
@@ -285,6 +297,9 @@ class WindowState:
             weight (Tensor, optional): The producer's current weight, if
                 trainable and compensated.
             bias (Tensor, optional): The producer's current bias, likewise.
+            cycle (int, optional): The current accumulation cycle: entries
+                of this cycle were recorded under the current weights and
+                are used exactly as recorded.
 
         Returns:
             History | None: One row per lag, or None if no slot belongs to
@@ -302,6 +317,10 @@ class WindowState:
             b = bias.to(mean.dtype)
             mean = mean + b
             nu = nu + 2 * buf['mean'] * b
+        if cycle is not None:
+            exact = (buf['cycle'] == cycle).unsqueeze(1)
+            mean = torch.where(exact, buf['raw_mean'], mean)
+            nu = torch.where(exact, buf['raw_nu'], nu)
         finite = torch.isfinite(mean).all(1) & torch.isfinite(nu).all(1)
         lag = iteration - buf['iteration']
         wanted = torch.arange(1, lags + 1, device=lag.device)

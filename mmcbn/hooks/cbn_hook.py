@@ -11,7 +11,8 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from ..control import (binding_summary, cbn_layers, name_cbn_layers,
-                       set_cbn_epoch_length, set_cbn_iteration)
+                       set_cbn_accumulation, set_cbn_epoch_length,
+                       set_cbn_iteration)
 from ..health import (health_warnings, read_cbn_flags, read_cbn_health,
                       set_cbn_monitor)
 from ..resume import (WindowStateMismatch, collect_window_state,
@@ -74,6 +75,12 @@ class CBNHook(Hook):
         atomic_checkpoints (bool): Give the ``CheckpointHook`` the atomic
             local backend (only when it has no backend configured).
             Defaults to True.
+        window_unit (str): With gradient accumulation
+            (``optim_wrapper=dict(accumulative_counts=n)``), whether
+            ``window`` counts ``'iteration'`` (micro-batches) or ``'cycle'``
+            (optimizer steps). Either way, entries of the current cycle are
+            exact (the weights have not changed). Defaults to
+            ``'iteration'``.
 
     Example:
         >>> custom_hooks = [dict(type='CBNHook')]
@@ -88,7 +95,8 @@ class CBNHook(Hook):
                  interval: Optional[int] = None,
                  save_window: bool = True,
                  resume_window: bool = True,
-                 atomic_checkpoints: bool = True) -> None:
+                 atomic_checkpoints: bool = True,
+                 window_unit: str = 'iteration') -> None:
         self.log_bindings = _check_bool('log_bindings', log_bindings)
         self.health = _check_bool('health', health)
         self.health_by_group = _check_bool('health_by_group',
@@ -103,6 +111,10 @@ class CBNHook(Hook):
         self.resume_window = _check_bool('resume_window', resume_window)
         self.atomic_checkpoints = _check_bool('atomic_checkpoints',
                                               atomic_checkpoints)
+        if window_unit not in ('iteration', 'cycle'):
+            raise ValueError("CBNHook window_unit must be 'iteration' or "
+                             f"'cycle', got {window_unit!r}")
+        self.window_unit = window_unit
         self._logged = False
         self._monitoring = False
         self._gathered = None
@@ -120,6 +132,30 @@ class CBNHook(Hook):
         return None
 
     # ------------------------------------------------------------ training
+    def before_run(self, runner) -> None:
+        """Gradient accumulation: tell the layers the cycle length (before
+        a resume restores windows sized for it)."""
+        wrapper = getattr(runner, 'optim_wrapper', None)
+        if wrapper is None or isinstance(wrapper, dict):
+            return
+        wrappers = [wrapper] if not hasattr(wrapper, 'optim_wrappers') \
+            else list(wrapper.optim_wrappers.values())
+        counts = {getattr(w, '_accumulative_counts', 1) for w in wrappers}
+        model = self._model(runner)
+        if len(counts) != 1 or not any(True for _ in cbn_layers(model)):
+            return
+        count = counts.pop()
+        if count > 1:
+            set_cbn_accumulation(model, count, self.window_unit == 'cycle')
+            runner.logger.info(
+                f'CBNHook: gradients accumulate over {count} micro-batches; '
+                'entries of the same optimizer step are used exactly (no '
+                f'compensation); the window counts {self.window_unit}s.')
+        elif self.window_unit == 'cycle':
+            runner.logger.warning(
+                "CBNHook: window_unit='cycle' has no effect without "
+                'gradient accumulation (accumulative_counts=1).')
+
     def before_train(self, runner) -> None:
         model = self._model(runner)
         count = name_cbn_layers(model)
