@@ -37,7 +37,7 @@ EXCLUDED_DIRS = {'_base_', 'demo'}
 
 #: The norm-specific files: ``<model>_<norm>-<placement>_...`` for mmdet,
 #: ``<model>_r50-d8_<norm>_...`` for mmseg.
-NORM_TOKEN = re.compile(r'_(cbn|bn|gn|syncbn)(?=[-_])')
+NORM_TOKEN = re.compile(r'_(synccbn|syncbn|cbn|bn|gn)(?=[-_])')
 BASELINES = ('bn', 'gn', 'syncbn')
 
 #: Epoch lengths given to CBNHook: COCO train2017 (117266 images with
@@ -118,7 +118,14 @@ def test_configs_found():
     assert len(CBN_CONFIGS) >= 9
     assert not any(rel.startswith('demo/') for rel in CONFIGS)
     unnamed = [rel for rel in CONFIGS if _norm_of(rel) is None]
-    assert not unnamed, f'no norm (cbn/bn/gn/syncbn) in the names {unnamed}'
+    assert not unnamed, (
+        f'no norm (cbn/synccbn/bn/gn/syncbn) in the names {unnamed}')
+    synccbn = {rel for rel in CONFIGS if _norm_of(rel) == 'synccbn'}
+    assert synccbn == {
+        'faster_rcnn/faster-rcnn_r50_fpn_synccbn-neck-head_1x_coco.py',
+        'mask_rcnn/mask-rcnn_r50_fpn_synccbn-neck-head_1x_coco.py',
+        'pspnet/pspnet_r50-d8_synccbn_4xb2-80k_cityscapes-512x1024.py'
+    }
 
 
 @pytest.mark.parametrize(
@@ -200,14 +207,15 @@ def test_norm_placement(rel):
         assert dataset == ('CityscapesDataset'
                            if 'cityscapes' in rel else 'ADE20KDataset')
 
-    expected_type = {'cbn': 'CBN', 'bn': 'BN', 'gn': 'GN', 'syncbn': 'SyncBN'}
+    expected_type = {'cbn': 'CBN', 'bn': 'BN', 'gn': 'GN', 'syncbn': 'SyncBN',
+                     'synccbn': 'SyncCBN'}
     assert norm_cfg['type'] == expected_type[norm]
     if norm == 'gn':
         # DeepLabV3+'s 48-channel low-level bottleneck needs 16 groups.
         groups = 16 if rel.startswith('deeplabv3plus/') else 32
         assert norm_cfg['num_groups'] == groups
     hooks = [h['type'] for h in cfg.get('custom_hooks', [])]
-    if norm == 'cbn':
+    if norm in ('cbn', 'synccbn'):
         assert cfg.custom_imports == dict(
             imports=['mmcbn'], allow_failed_imports=False)
         assert hooks.count('CBNHook') == 1
@@ -277,6 +285,26 @@ def test_baselines_differ_only_in_norm(rel):
         differences = _diff(cbn, _without_norm(_load(other)))
         assert not differences, (
             f'{rel} and {other} differ beyond the norm: {differences}')
+
+
+@pytest.mark.parametrize(
+    'rel', [r for r in CONFIGS if _norm_of(r) == 'synccbn'])
+def test_synccbn_differs_from_cbn_in_the_norm_type_only(rel):
+    synccbn = _plain(_load(rel).to_dict())
+    cbn = _plain(_load(_sibling(rel, 'cbn')).to_dict())
+
+    def retype(obj):
+        if isinstance(obj, dict):
+            return {
+                k: ('CBN' if k == 'type' and v == 'SyncCBN' else retype(v))
+                for k, v in obj.items()
+            }
+        if isinstance(obj, list):
+            return [retype(v) for v in obj]
+        return obj
+
+    assert 'SyncCBN' in repr(synccbn['model'])
+    assert not _diff(retype(synccbn), cbn), _diff(retype(synccbn), cbn)
 
 
 @pytest.mark.parametrize(
@@ -407,7 +435,7 @@ def test_one_training_step(rel, one_thread):
 
     cbn = dict(mmcbn.cbn_layers(model))
     hook = runner = None
-    if norm == 'cbn':
+    if norm in ('cbn', 'synccbn'):
         assert cbn, f'{rel} built no CBN layer'
         # Drive the layers with the config's own hook, as a runner would.
         hooks = [HOOKS.build(h) for h in cfg.custom_hooks]
@@ -446,8 +474,10 @@ def test_one_training_step(rel, one_thread):
         assert torch.equal(module.num_batches_tracked, count), (
             f'{rel}: {name} is in eval mode but updated its statistics')
 
-    if norm != 'cbn':
+    if norm not in ('cbn', 'synccbn'):
         return
+    assert all(isinstance(layer, mmcbn.SyncCBN2d) == (norm == 'synccbn')
+               for layer in cbn.values())
     hook.after_train_iter(runner, 0, data, losses)
     report = mmcbn.binding_report(model)
     frozen = _frozen_prefixes(model_cfg)

@@ -1,8 +1,10 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
 """tools/train.py and tools/dist_train.sh on this CPU machine."""
 import json
+import math
 import os
 import os.path as osp
+import re
 import socket
 import subprocess
 import sys
@@ -91,3 +93,58 @@ def test_resume_path_must_exist(tmp_path):
     config = write_config(tmp_path)
     with pytest.raises(FileNotFoundError, match='nope.pth'):
         train.main([config, '--resume', str(tmp_path / 'nope.pth')])
+
+
+def test_dist_train_synccbn_demo_config_on_two_cpu_processes(tmp_path):
+    """bash tools/dist_train.sh <SyncCBN demo config> 2 trains on this CPU:
+    finite losses, and both processes end with identical weights and
+    running statistics (the statistics are global)."""
+    import make_demo_data
+    data = tmp_path / 'data'
+    make_demo_data.generate(str(data), seed=0, num_train=8, num_val=2,
+                            size=64, verbose=False)
+    base = osp.join(ROOT, 'configs', 'demo', 'fcn_r18-d8_synccbn_demo.py')
+    config = tmp_path / 'synccbn_demo_test.py'
+    config.write_text(
+        f'_base_ = {base!r}\n'
+        "custom_imports = dict(imports=['mmcbn', 'tiny_cbn'],\n"
+        '                      allow_failed_imports=False)\n'
+        'norm_cfg = dict(type="SyncCBN", window=3, burnin=2)\n'
+        'model = dict(data_preprocessor=dict(size=(64, 64)),\n'
+        '             backbone=dict(norm_cfg=norm_cfg),\n'
+        '             decode_head=dict(norm_cfg=norm_cfg),\n'
+        '             auxiliary_head=dict(norm_cfg=norm_cfg))\n'
+        "custom_hooks = [dict(type='CBNHook'),\n"
+        "                dict(type='DumpModelState')]\n"
+        f"train_dataloader = dict(num_workers=0, dataset=dict(\n"
+        f"    data_root={str(data / 'seg') + '/'!r},\n"
+        "    pipeline=[dict(type='LoadImageFromFile'),\n"
+        "              dict(type='LoadAnnotations'),\n"
+        "              dict(type='RandomCrop', crop_size=(64, 64)),\n"
+        "              dict(type='PackSegInputs')]))\n"
+        'train_cfg = dict(max_iters=6, val_interval=100)\n'
+        'val_dataloader = None\nval_cfg = None\nval_evaluator = None\n'
+        'default_hooks = dict(logger=dict(interval=1),\n'
+        '                     checkpoint=dict(interval=6))\n')
+    env = dict(os.environ, PORT=str(free_port()), OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([ROOT, TESTS]),
+               PYTHON=sys.executable)
+    proc = subprocess.run(
+        ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), str(config), '2',
+         '--work-dir', str(tmp_path / 'work')],
+        env=env, cwd=str(tmp_path), capture_output=True, text=True,
+        timeout=900)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    losses = [float(v) for v in
+              re.findall(r' loss: ([-\d.e+naninf]+)', output)]
+    assert len(losses) >= 6 and all(map(math.isfinite, losses)), losses
+    states = [torch.load(str(tmp_path / 'work' / f'state_rank{r}.pth'))
+              for r in (0, 1)]
+    running = [k for k in states[0] if k.endswith('running_var')]
+    assert len(running) >= 20
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+    # the SyncCBN layers really ran distributed with windows
+    assert 'not in a distributed run' not in output
+    assert 'CBNHook: ' in output

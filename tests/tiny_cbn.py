@@ -159,3 +159,18 @@ def _register_slow_backends():
 
 
 _register_slow_backends()
+
+
+@HOOKS.register_module()
+class DumpModelState(Hook):
+    """Writes each process's final model state (and the CBN layers'
+    running statistics) to ``work_dir/state_rank{rank}.pth``."""
+
+    priority = 'LOWEST'
+
+    def after_train(self, runner):
+        model = runner.model.module if hasattr(runner.model, 'module') \
+            else runner.model
+        torch.save({k: v.detach().cpu() for k, v in
+                    model.state_dict().items()},
+                   osp.join(runner.work_dir, f'state_rank{get_rank()}.pth'))

@@ -126,7 +126,7 @@ class CBNHook(Hook):
 
     @staticmethod
     def _find_hook(runner, name: str):
-        for hook in runner.hooks:
+        for hook in getattr(runner, 'hooks', ()):
             if type(hook).__name__ == name:
                 return hook
         return None
