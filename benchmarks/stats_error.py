@@ -115,7 +115,7 @@ def layer_compensated(model, layer, t):
     binding = layer.bindings[0]
     assert binding is not None and binding.status == 'bound', binding
     from mmcbn import window_statistics
-    out = window_statistics(model, layer, 0, t)
+    out = window_statistics(model, layer, 0, t, lags=layer.capacity)
     assert out
     return {lag: (mean, var) for lag, (mean, var, _) in out.items()}
 

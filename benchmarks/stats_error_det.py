@@ -187,7 +187,8 @@ def run(args):
                         continue  # e.g. a mask head without positives
                     binding = layer.bindings[pos]
                     weight, bias = producer_parameters(model, binding)
-                    comp = window_statistics(model, layer, pos, t)
+                    comp = window_statistics(model, layer, pos, t,
+                                             lags=layer.capacity)
                     comp_m, comp_v, _ = comp[tau]
                     true_m, true_v = truth[li][pos]['stats']
                     if true_m.shape != comp_m.shape:

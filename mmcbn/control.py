@@ -153,7 +153,8 @@ def producer_parameters(model: nn.Module, binding) -> Tuple[Optional[Tensor],
 def window_statistics(model: nn.Module,
                       layer: nn.Module,
                       position: int = 0,
-                      iteration: Optional[int] = None
+                      iteration: Optional[int] = None,
+                      lags: Optional[int] = None
                       ) -> Dict[int, Tuple[Tensor, Tensor, Tensor]]:
     """What ``layer`` would average from earlier iterations, compensated to
     the current parameters of ``model`` (for studies and tests; one host
@@ -165,6 +166,8 @@ def window_statistics(model: nn.Module,
         position (int): The call position. Defaults to 0.
         iteration (int, optional): The iteration to assume; defaults to
             the one after the layer's last training forward.
+        lags (int, optional): How far back to look; defaults to what the
+            layer would use at ``iteration`` (0 in burn-in).
 
     Returns:
         dict: lag -> ``(mean, var, count)`` of every usable earlier entry
@@ -183,7 +186,8 @@ def window_statistics(model: nn.Module,
                 'parameter of the model; its window cannot be evaluated '
                 'from the model alone')
     history = layer._windows[position].compensated(
-        t, layer.history_lags(t), binding.key, weight, bias,
+        t, layer.history_lags(t) if lags is None else lags, binding.key,
+        weight, bias,
         cycle=t // layer.cycle_length)
     if history is None:
         return {}
