@@ -22,9 +22,12 @@ from torch import nn
 #: mmcv's synchronized BatchNorm types, exported as BN. CBN types are not
 #: listed: :func:`norm_types_to_bn` finds them in the registry.
 SYNC_BN_TO_BN = {'SyncBN': 'BN', 'MMSyncBN': 'BN'}
-#: Keys of a norm config that mmcv's ``build_norm_layer`` consumes itself
-#: (they are not arguments of the layer).
-BUILDER_KEYS = ('type', 'requires_grad')
+#: Keys of a norm config that are no arguments of the layer: mmcv's
+#: ``build_norm_layer`` consumes ``type`` and ``requires_grad``, and
+#: mmengine's config puts ``_scope_`` into the dicts of ``mmdet::``/
+#: ``mmseg::`` base files that have a ``type`` (e.g. a top-level
+#: ``norm_cfg`` variable).
+BUILDER_KEYS = ('type', 'requires_grad', '_scope_')
 #: BatchNorm base class -> the mmcv type that builds it.
 _BN_TYPES = ((nn.BatchNorm1d, 'BN1d'), (nn.BatchNorm2d, 'BN'),
              (nn.BatchNorm3d, 'BN3d'))
@@ -88,11 +91,12 @@ def _registered(name: str) -> Optional[type]:
 def convert_norm_cfg(cfg: Dict[str, Any], bn_type: str) -> Dict[str, Any]:
     """A CBN (or SyncBN) norm config as a ``bn_type`` config.
 
-    Keeps ``type`` (now ``bn_type``), mmcv's ``requires_grad`` and the keys
+    Keeps :data:`BUILDER_KEYS` (``type`` becomes ``bn_type``) and the keys
     that the BN class's ``__init__`` accepts (``eps``, ``momentum``,
-    ``affine``, ``track_running_stats``, ...); drops the keys only the
-    source layer takes (``window``, ``burnin``, ``running_stats_from``,
-    ``process_group``, ... whatever its signature holds).
+    ``affine``, ``track_running_stats``, ...); drops everything else: the
+    options only the source layer takes (``window``, ``burnin``,
+    ``running_stats_from``, ``process_group``, ... whatever its signature
+    holds), so an option added later needs no change here.
 
     Args:
         cfg (dict): The norm config, ``type`` included.
@@ -103,30 +107,17 @@ def convert_norm_cfg(cfg: Dict[str, Any], bn_type: str) -> Dict[str, Any]:
 
     Raises:
         KeyError: If ``bn_type`` is not registered.
-        ValueError: For a key that neither the source layer nor the BN
-            layer accepts (the source config could not have been built).
     """
     target = _registered(bn_type)
     if target is None:
         raise KeyError(f'norm type {bn_type!r} is not registered in '
                        "mmengine's MODELS (is mmcv installed?)")
-    target_keys = _init_keywords(target)
-    source_type = cfg.get('type')
-    source = source_type if isinstance(source_type, type) else (
-        _registered(source_type) if isinstance(source_type, str) else None)
-    source_keys = None if source is None else _init_keywords(source)
-    out = {}
-    for key, value in cfg.items():
-        if key == 'type':
-            out[key] = bn_type
-        elif key in BUILDER_KEYS or target_keys is None \
-                or key in target_keys:
-            out[key] = value
-        elif source_keys is not None and key not in source_keys:
-            raise ValueError(
-                f'norm config {cfg!r}: {key}={value!r} is an argument of '
-                f'neither {source_type!r} nor {bn_type!r}')
-    return out
+    accepted = _init_keywords(target)
+    return {
+        key: bn_type if key == 'type' else value
+        for key, value in cfg.items()
+        if key in BUILDER_KEYS or accepted is None or key in accepted
+    }
 
 
 def _convert_norms(node: Any, to_bn: Dict[str, str]) -> Any:

@@ -128,15 +128,17 @@ def test_every_registered_cbn_type_exports_with_all_options(name):
     layer.load_state_dict(source.state_dict())  # strict
 
 
-def test_sync_bn_keys_go_and_unknown_keys_are_named():
+def test_sync_bn_keys_go_and_builder_keys_stay():
     out = export_config(
         Config(dict(norm_cfg=dict(type='SyncBN', process_group=None,
                                   momentum=0.3))))
     assert out.norm_cfg == dict(type='BN', momentum=0.3)
-    # a key no layer takes could not have trained: an error, not a guess
-    with pytest.raises(ValueError, match='not_an_option=1'):
-        export_config(Config(dict(norm_cfg=dict(type='CBN',
-                                                not_an_option=1))))
+    # mmengine's _scope_ (top-level norm_cfg of an mmseg:: base) stays
+    out = export_config(
+        Config(dict(norm_cfg=dict(type='CBN', _scope_='mmseg', window=4,
+                                  requires_grad=True))))
+    assert out.norm_cfg == dict(type='BN', _scope_='mmseg',
+                                requires_grad=True)
 
 
 def test_a_cbn_layer_registered_later_exports_too():
@@ -163,6 +165,26 @@ def test_a_cbn_layer_registered_later_exports_too():
         assert type(layer) is nn.BatchNorm3d
     finally:
         MODELS._module_dict.pop('FutureCBN3d')
+
+
+CBN_CONFIGS = sorted(
+    osp.relpath(osp.join(d, f), ROOT)
+    for d, _, fs in os.walk(osp.join(ROOT, 'configs')) for f in fs
+    if f.endswith('.py') and '_cbn' in f)
+
+
+@pytest.mark.parametrize('rel', CBN_CONFIGS)
+def test_every_cbn_config_of_the_repo_exports(rel):
+    """The shipped CBN configs (with mmdet::/mmseg:: bases, whose dicts
+    carry mmengine's ``_scope_``) export to configs whose model norm
+    configs mmcv builds as plain BatchNorm."""
+    out = export_config(Config.fromfile(osp.join(ROOT, rel)))
+    assert 'CBN' not in out.pretty_text
+    found = norm_cfgs(out.to_dict()['model'])
+    assert found, rel
+    for path, cfg in found.items():
+        _, layer = build_norm_layer(cfg, 8)
+        assert type(layer) in (nn.BatchNorm2d, nn.GroupNorm), (path, cfg)
 
 
 # ------------------------------------------- through tools/publish_model.py
