@@ -46,20 +46,29 @@ NON_DEFAULT = dict(
     burnin=1,
     burnin_by_epoch=True,
     compensate=False,
-    running_stats_from='window')
+    running_stats_from='window',
+    store_dtype='bfloat16')
 #: BatchNorm class each exported type must build.
 BN_CLASS = {'BN1d': nn.BatchNorm1d, 'BN': nn.BatchNorm2d, 'BN3d':
             nn.BatchNorm3d}
 
 
 def cbn_options(cls: type = CBN2d) -> Dict[str, inspect.Parameter]:
-    """The config options of a CBN layer class, from its signature."""
-    return {
-        name: p
-        for name, p in inspect.signature(cls).parameters.items()
-        if name not in NOT_OPTIONS and p.kind in (p.POSITIONAL_OR_KEYWORD,
-                                                  p.KEYWORD_ONLY)
-    }
+    """The config options of a CBN layer class, from its signature and,
+    where it forwards ``*args``/``**kwargs`` (SyncCBN), its bases'."""
+    options = {}
+    for klass in cls.__mro__:
+        if '__init__' not in vars(klass):
+            continue
+        params = list(inspect.signature(klass.__init__).parameters.values())
+        for p in params:
+            if p.name not in NOT_OPTIONS and p.kind in (
+                    p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                options.setdefault(p.name, p)
+        if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                   for p in params):
+            break
+    return options
 
 
 def non_default(name: str, param: inspect.Parameter) -> Any:
