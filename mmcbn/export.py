@@ -149,9 +149,10 @@ def export_config(cfg: Config) -> Config:
 
     Every CBN type registered in mmengine's ``MODELS`` (and mmcv's
     SyncBN/MMSyncBN) becomes the BN type of its BatchNorm base class with
-    only the arguments BN accepts (see :func:`convert_norm_cfg`), ``mmcbn``
-    leaves ``custom_imports`` and ``CBNHook`` leaves ``custom_hooks``, ``init_cfg``/``pretrained``/``load_from``/``resume``
-    are cleared (the published checkpoint holds all weights).
+    only the arguments BN accepts (see :func:`convert_norm_cfg`); ``mmcbn``
+    leaves ``custom_imports`` and ``CBNHook`` leaves ``custom_hooks``;
+    ``init_cfg``/``pretrained``/``load_from``/``resume`` are cleared (the
+    published checkpoint holds all weights).
 
     Args:
         cfg (Config): The training config (``_base_`` files resolved).
