@@ -5,7 +5,9 @@ exported (published) model, GN beside for context.
 Models are built from the project's configs (Faster R-CNN R50-FPN and
 PSPNet R50-D8 with the norm in backbone, neck and heads); the exported
 model is the CBN config after ``mmcbn.export.export_config`` with the CBN
-model's weights. All are timed in one process, round-robin, so machine
+model's weights (the norm layers get seeded non-trivial statistics first),
+and its raw outputs are compared with the CBN model's (``exported_vs_cbn``
+in the JSON). All are timed in one process, round-robin, so machine
 load hits them alike; ratios are to the BN model.
 
 Usage::
@@ -76,6 +78,50 @@ def batch_for(scope, size):
         data_samples=[sample])
 
 
+def set_norm_values(model, seed=0):
+    """Seeded, distinct running statistics and affine parameters in every
+    BatchNorm (CBN included): a freshly built model has running mean 0 and
+    variance 1 everywhere, which a wrong weight mapping would not change.
+    Models of the same architecture get the same values."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, _BatchNorm):
+                continue
+            c = module.num_features
+            module.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
+            module.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+            module.weight.copy_(0.5 + torch.rand(c, generator=gen))
+            module.bias.copy_(0.1 * torch.randn(c, generator=gen))
+
+
+def _tensors(obj):
+    """All tensors in a nested tuple/list/dict of network outputs."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+def compare_outputs(a, b, batch):
+    """Max abs difference of two models' raw eval outputs (``mode='tensor'``,
+    before any score threshold) and how many values were compared."""
+    with torch.no_grad():
+        outs = []
+        for model in (a, b):
+            data = model.data_preprocessor(batch, False)
+            outs.append(_tensors(model(**data, mode='tensor')))
+    if [t.shape for t in outs[0]] != [t.shape for t in outs[1]]:
+        return dict(max_abs_diff=float('inf'), values=0)
+    diff = max(((x.double() - y.double()).abs().max().item()
+                for x, y in zip(*outs)), default=float('inf'))
+    return dict(max_abs_diff=diff, values=sum(t.numel() for t in outs[0]))
+
+
 def time_models(models, batch, warmup, reps):
     with torch.no_grad():
         for model in models.values():
@@ -99,7 +145,7 @@ def main():
     torch.set_num_threads(args.threads)
     size = 64 if args.quick else 512
     reps = args.reps or (2 if args.quick else 15)
-    rows = []
+    rows, checks = [], {}
     for name, (scope, pattern) in MODELS.items():
         cfgs = {
             norm: Config.fromfile(osp.join(ROOT, pattern.format(norm)))
@@ -107,10 +153,14 @@ def main():
         }
         models = {norm.upper(): build(scope, cfg)
                   for norm, cfg in cfgs.items()}
+        set_norm_values(models['CBN'])
+        set_norm_values(models['BN'])
         exported = build(scope, export_config(cfgs['cbn']))
         exported.load_state_dict(models['CBN'].state_dict())
         models['exported'] = exported
         batch = batch_for(scope, size)
+        # not timed: the exported model computes what the CBN model does
+        checks[name] = compare_outputs(models['CBN'], exported, batch)
         times = time_models(models, batch, 2, reps)
         for norm, t in times.items():
             rows.append(dict(model=name, norm=norm, forward_ms=1e3 * t,
@@ -119,7 +169,8 @@ def main():
         date=time.strftime('%Y-%m-%d'),
         machine=f'{os.cpu_count()}-core CPU, torch {torch.__version__}, '
         f'{args.threads} threads',
-        input=f'1 x 3 x {size} x {size}, eval mode, test_step', rows=rows)
+        input=f'1 x 3 x {size} x {size}, eval mode, test_step', rows=rows,
+        exported_vs_cbn=checks)
     os.makedirs(args.out, exist_ok=True)
     suffix = '_quick' if args.quick else ''
     with open(osp.join(args.out, f'inference_speed{suffix}.json'), 'w') as f:
@@ -130,6 +181,9 @@ def main():
     for row in rows:
         print(f"| {row['model']} | {row['norm']} | {row['forward_ms']:.1f} "
               f"| {row['ratio_to_bn']:.3f} |")
+    for name, check in checks.items():
+        print(f"{name}: exported vs CBN outputs, max abs difference "
+              f"{check['max_abs_diff']:.3g} over {check['values']} values")
 
 
 if __name__ == '__main__':

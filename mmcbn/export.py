@@ -8,55 +8,151 @@ BN, mmcbn's imports and hooks go, and the checkpoint keeps ``meta`` and
 without any allow-list.
 """
 import copy
+import inspect
 import numbers
 from collections import OrderedDict
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import numpy as np
 import torch
 from mmengine.config import Config
+from mmengine.registry import MODELS
+from torch import nn
 
-#: Norm types that become their BatchNorm counterpart.
-NORM_TO_BN = {
-    'CBN': 'BN',
-    'CBN2d': 'BN',
-    'CBN1d': 'BN1d',
-    'CBN3d': 'BN3d',
-    'SyncBN': 'BN',
-    'MMSyncBN': 'BN',
-}
-#: Arguments only CBN takes.
-CBN_ONLY_KEYS = ('window', 'burnin', 'burnin_by_epoch', 'compensate')
+#: mmcv's synchronized BatchNorm types, exported as BN. CBN types are not
+#: listed: :func:`norm_types_to_bn` finds them in the registry.
+SYNC_BN_TO_BN = {'SyncBN': 'BN', 'MMSyncBN': 'BN'}
+#: Keys of a norm config that are no arguments of the layer: mmcv's
+#: ``build_norm_layer`` consumes ``type`` and ``requires_grad``, and
+#: mmengine's config puts ``_scope_`` into the dicts of ``mmdet::``/
+#: ``mmseg::`` base files that have a ``type`` (e.g. a top-level
+#: ``norm_cfg`` variable).
+BUILDER_KEYS = ('type', 'requires_grad', '_scope_')
+#: BatchNorm base class -> the mmcv type that builds it.
+_BN_TYPES = ((nn.BatchNorm1d, 'BN1d'), (nn.BatchNorm2d, 'BN'),
+             (nn.BatchNorm3d, 'BN3d'))
 #: Training-only wrappers of mmcbn replaced by mmengine's plain one.
 OPTIM_WRAPPERS_TO_PLAIN = {'CPUAutocastOptimWrapper': 'OptimWrapper'}
 
 
-def _convert_norms(node: Any) -> Any:
+def bn_type_of(cls: type) -> str:
+    """The mmcv BN type (``'BN1d'``, ``'BN'``, ``'BN3d'``) of a layer class
+    from its BatchNorm base class.
+
+    Raises:
+        TypeError: If ``cls`` subclasses none of ``nn.BatchNorm1d/2d/3d``.
+    """
+    for base, bn_type in _BN_TYPES:
+        if issubclass(cls, base):
+            return bn_type
+    raise TypeError(
+        f'{cls.__module__}.{cls.__qualname__} subclasses none of '
+        'nn.BatchNorm1d/2d/3d: cannot export it as BatchNorm')
+
+
+def norm_types_to_bn() -> Dict[str, str]:
+    """Norm types that publishing turns into BatchNorm, and their BN type.
+
+    Every class in mmengine's root ``MODELS`` registry that has mmcbn's CBN
+    behaviour (``mmcbn.cbn._CrossIterationBatchNorm``), under each name it
+    is registered with, maps to the BN type of its BatchNorm base class;
+    mmcv's ``SyncBN``/``MMSyncBN`` map to ``'BN'``. The registry is read at
+    each call, so layers registered later are covered too.
+
+    Returns:
+        dict[str, str]: Registered name -> ``'BN1d'``, ``'BN'`` or ``'BN3d'``.
+    """
+    from .cbn import _CrossIterationBatchNorm
+    mapping = dict(SYNC_BN_TO_BN)
+    for name, cls in MODELS.module_dict.items():
+        if isinstance(cls, type) and issubclass(cls,
+                                                _CrossIterationBatchNorm):
+            mapping[name] = bn_type_of(cls)
+    return mapping
+
+
+def _init_keywords(cls: type) -> Optional[FrozenSet[str]]:
+    """Names ``cls(...)`` accepts as keywords; None if it takes any
+    (``**kwargs``)."""
+    params = inspect.signature(cls).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _registered(name: str) -> Optional[type]:
+    """The class mmcv's ``build_norm_layer`` would build for ``name``."""
+    import mmcv.cnn  # noqa: F401  (registers BN/BN1d/BN3d/SyncBN)
+    cls = MODELS.get(name)
+    return cls if isinstance(cls, type) else None
+
+
+def convert_norm_cfg(cfg: Dict[str, Any], bn_type: str) -> Dict[str, Any]:
+    """A CBN (or SyncBN) norm config as a ``bn_type`` config.
+
+    Keeps :data:`BUILDER_KEYS` (``type`` becomes ``bn_type``) and the keys
+    that the BN class's ``__init__`` accepts (``eps``, ``momentum``,
+    ``affine``, ``track_running_stats``, ...); drops everything else: the
+    options only the source layer takes (``window``, ``burnin``,
+    ``running_stats_from``, ``process_group``, ... whatever its signature
+    holds), so an option added later needs no change here.
+
+    Args:
+        cfg (dict): The norm config, ``type`` included.
+        bn_type (str): ``'BN1d'``, ``'BN'`` or ``'BN3d'``.
+
+    Returns:
+        dict: The BN norm config.
+
+    Raises:
+        KeyError: If ``bn_type`` is not registered.
+    """
+    target = _registered(bn_type)
+    if target is None:
+        raise KeyError(f'norm type {bn_type!r} is not registered in '
+                       "mmengine's MODELS (is mmcv installed?)")
+    accepted = _init_keywords(target)
+    return {
+        key: bn_type if key == 'type' else value
+        for key, value in cfg.items()
+        if key in BUILDER_KEYS or accepted is None or key in accepted
+    }
+
+
+def _convert_norms(node: Any, to_bn: Dict[str, str]) -> Any:
     """Recursively replace CBN/SyncBN norm configs with BN ones."""
+    from .cbn import _CrossIterationBatchNorm
     if isinstance(node, dict):
-        out = {k: _convert_norms(v) for k, v in node.items()}
+        out = {k: _convert_norms(v, to_bn) for k, v in node.items()}
         norm_type = out.get('type')
-        if isinstance(norm_type, str) and norm_type in NORM_TO_BN:
-            out['type'] = NORM_TO_BN[norm_type]
-            for key in CBN_ONLY_KEYS:
-                out.pop(key, None)
+        bn_type = None
+        if isinstance(norm_type, str):
+            bn_type = to_bn.get(norm_type)
+        elif isinstance(norm_type, type) and issubclass(
+                norm_type, _CrossIterationBatchNorm):
+            bn_type = bn_type_of(norm_type)  # a class in a Python config
+        if bn_type is not None:
+            out = convert_norm_cfg(out, bn_type)
         if out.get('init_cfg') is not None:
             out['init_cfg'] = None
         if out.get('pretrained') is not None:
             out['pretrained'] = None
         return out
     if isinstance(node, (list, tuple)):
-        return type(node)(_convert_norms(v) for v in node)
+        return type(node)(_convert_norms(v, to_bn) for v in node)
     return node
 
 
 def export_config(cfg: Config) -> Config:
     """A standalone config of the same model with BN instead of CBN.
 
-    Every CBN (and SyncBN/MMSyncBN) becomes BN, CBN-only arguments are
-    dropped, ``mmcbn`` leaves ``custom_imports`` and ``CBNHook`` leaves
-    ``custom_hooks``, ``init_cfg``/``pretrained``/``load_from``/``resume``
-    are cleared (the published checkpoint holds all weights).
+    Every CBN type registered in mmengine's ``MODELS`` (and mmcv's
+    SyncBN/MMSyncBN) becomes the BN type of its BatchNorm base class with
+    only the arguments BN accepts (see :func:`convert_norm_cfg`); ``mmcbn``
+    leaves ``custom_imports`` and ``CBNHook`` leaves ``custom_hooks``;
+    ``init_cfg``/``pretrained``/``load_from``/``resume`` are cleared (the
+    published checkpoint holds all weights).
 
     Args:
         cfg (Config): The training config (``_base_`` files resolved).
@@ -64,7 +160,7 @@ def export_config(cfg: Config) -> Config:
     Returns:
         Config: The exported config.
     """
-    data = _convert_norms(copy.deepcopy(cfg.to_dict()))
+    data = _convert_norms(copy.deepcopy(cfg.to_dict()), norm_types_to_bn())
     imports = data.get('custom_imports')
     if imports:
         names = imports.get('imports', [])

@@ -1,5 +1,13 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
-"""The --quick modes of benchmarks/stats_error.py and small_batch.py."""
+"""The --quick modes of the statistics and accuracy benchmarks.
+
+A quick run trains for a few iterations on a few images, so its accuracies
+and errors are noise: for them these are smoke tests (the run finishes, the
+JSON has its fields, numbers are finite). Each test also checks what a
+quick run does determine, and could fail: cross-checks against an
+independent computation, orderings that hold at any length, runs that must
+be identical.
+"""
 import json
 import math
 import os
@@ -39,7 +47,10 @@ ERRORS = ('naive_mean', 'naive_var', 'comp_mean', 'comp_var',
           'prodexact_var')
 
 
-def test_stats_error_quick(tmp_path):
+def test_stats_error_quick_smoke(tmp_path):
+    """Smoke test of stats_error.py --quick; checks that can fail: the
+    layers' numbers agree with a recomputation and a replay, compensation
+    beats the naive window and is exact where the input is fixed."""
     data, stdout = run_quick('stats_error.py', tmp_path)
     assert data['benchmark'] == 'stats_error'
     assert data['config']['quick'] is True
@@ -80,7 +91,11 @@ def test_stats_error_quick(tmp_path):
     assert '| lag 7 |' in stdout
 
 
-def test_small_batch_quick(tmp_path):
+def test_small_batch_quick_smoke(tmp_path):
+    """Smoke test of small_batch.py --quick (accuracies after one epoch are
+    noise); the check that can fail: ``running_stats_from='window'`` only
+    changes the eval statistics, so those runs train exactly the weights of
+    the default runs of the same seed."""
     data, stdout = run_quick('small_batch.py', tmp_path)
     assert data['benchmark'] == 'small_batch'
     assert 'load_digits' in data['config']['dataset']
@@ -115,10 +130,22 @@ def test_small_batch_quick(tmp_path):
     assert 'wrs_b4_vs_cbn_b4' in data['checks']
     for c in data['checks'].values():
         assert finite(c['diff']) and finite(c['se'])
+    # same weights: the same training losses, and the same accuracy once
+    # the eval statistics are re-estimated on the training set
+    for name in ('CBN b2 k8', 'CBN b4 k4'):
+        default, window = data['runs'][name], data['runs'][name + ' wrs']
+        assert [r['seed'] for r in default] == [r['seed'] for r in window]
+        for a, b in zip(default, window):
+            assert a['train_loss_last_epoch'] == b['train_loss_last_epoch']
+            assert a['test_acc_population_stats'] == \
+                b['test_acc_population_stats']
     assert 'CBN b2 k8' in stdout
 
 
-def test_stats_error_det_quick(tmp_path):
+def test_stats_error_det_quick_smoke(tmp_path):
+    """Smoke test of stats_error_det.py --quick; checks that can fail: a
+    replay reproduces the recorded statistics, compensation is exact for
+    the stem and beats the naive window after burn-in."""
     data, stdout = run_quick('stats_error_det.py', tmp_path)
     assert data['benchmark'] == 'stats_error_det'
     assert data['config']['quick'] is True
@@ -146,7 +173,10 @@ def test_stats_error_det_quick(tmp_path):
     assert '| lag 7 |' in stdout
 
 
-def test_demo_tasks_quick(tmp_path):
+def test_demo_tasks_quick_smoke(tmp_path):
+    """Smoke test of demo_tasks.py --quick (6 iterations: metrics are
+    noise); the check that can fail: the CBN-w run trains exactly the
+    weights of the CBN run, and its running statistics differ."""
     env = dict(os.environ, MPLBACKEND='Agg')
     out, work = tmp_path / 'out', tmp_path / 'work'
     proc = subprocess.run(
@@ -172,6 +202,22 @@ def test_demo_tasks_quick(tmp_path):
     # CBN-w is the CBN config with window running statistics everywhere
     dumped = (work / 'seg_cbnw_seed0' / 'fcn_r18-d8_cbn_demo.py').read_text()
     assert dumped.count("running_stats_from='window'") == 3
+    # ... and trains the same weights as CBN: every parameter of the final
+    # checkpoints is equal, the running variances are not (after burn-in)
+    import torch
+
+    import mmcbn
+    cbn, cbnw = (mmcbn.load_checkpoint_file(
+        str(work / f'seg_{norm}_seed0' / 'iter_6.pth'))['state_dict']
+        for norm in ('cbn', 'cbnw'))
+    assert set(cbn) == set(cbnw)
+    running = [k for k in cbn if k.endswith(('running_mean', 'running_var',
+                                             'num_batches_tracked'))]
+    assert len(running) == 3 * 26
+    for key in set(cbn) - set(running):
+        assert torch.equal(cbn[key], cbnw[key]), key
+    assert sum(not torch.equal(cbn[k], cbnw[k]) for k in running
+               if k.endswith('running_var')) == 26
     assert 'running_stats_from' not in (
         work / 'seg_cbn_seed0' / 'fcn_r18-d8_cbn_demo.py').read_text()
     assert set(data['summary']) == {'seg/bn', 'seg/gn', 'seg/cbn',

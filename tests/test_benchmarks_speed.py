@@ -1,5 +1,12 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
-"""The speed benchmarks' --quick modes run and report sane numbers."""
+"""The speed benchmarks' --quick modes.
+
+A quick run times tiny models once or twice, so its timings mean nothing:
+for them these are smoke tests (every code path runs, the JSON has its
+fields). Each test also checks facts that do not depend on timing and
+could fail: memory accounting, the fused floor's agreement with the
+separate computation, the exported model's outputs.
+"""
 import json
 import os
 import os.path as osp
@@ -20,7 +27,9 @@ def run_quick(script, out):
     return proc.stdout
 
 
-def test_train_speed_quick(tmp_path):
+def test_train_speed_quick_smoke(tmp_path):
+    """Smoke test of train_speed.py --quick; non-timing checks: window
+    state per stored entry, its growth with the window, the fused floor."""
     stdout = run_quick('train_speed.py', tmp_path)
     with open(tmp_path / 'train_speed_quick.json') as f:
         result = json.load(f)
@@ -35,6 +44,12 @@ def test_train_speed_quick(tmp_path):
     assert rows['authors w8']['window_state_per_weight'] >= 2.99
     assert rows['CBN w1']['window_state_mb'] == 0
     assert rows['CBN w8']['peak_mb'] > 0
+    # the window state is window - 1 entries of the same size per layer
+    w2 = rows['CBN w2']['window_state_mb']
+    assert w2 > 0
+    for k in (4, 8, 16):
+        assert rows[f'CBN w{k}']['window_state_mb'] == pytest.approx(
+            (k - 1) * w2, rel=1e-3), k
     assert result['summary']['floor_products'] == 20  # ResNet-18 convs
     assert [r['norm'] for r in result['detector']] == ['BN', 'GN', 'CBN']
     assert 'efficiency at w8' in stdout
@@ -46,11 +61,20 @@ def test_train_speed_quick(tmp_path):
     assert 'fused weight-gradient call' in stdout
 
 
-def test_inference_speed_quick(tmp_path):
+def test_inference_speed_quick_smoke(tmp_path):
+    """Smoke test of inference_speed.py --quick; the check that can fail:
+    the exported (BN) model's raw outputs equal the CBN model's in eval
+    mode, for norm layers with non-trivial statistics."""
     run_quick('inference_speed.py', tmp_path)
     with open(tmp_path / 'inference_speed_quick.json') as f:
-        rows = json.load(f)['rows']
+        result = json.load(f)
+    rows = result['rows']
+    models = ('Faster R-CNN R50-FPN', 'PSPNet R50-D8')
     assert {(r['model'], r['norm']) for r in rows} == {
-        (m, n) for m in ('Faster R-CNN R50-FPN', 'PSPNet R50-D8')
-        for n in ('CBN', 'BN', 'GN', 'exported')}
+        (m, n) for m in models for n in ('CBN', 'BN', 'GN', 'exported')}
     assert all(r['forward_ms'] > 0 for r in rows)
+    checks = result['exported_vs_cbn']
+    assert set(checks) == set(models)
+    for name, check in checks.items():
+        assert check['values'] > 1000, (name, check)
+        assert check['max_abs_diff'] <= 1e-5, (name, check)

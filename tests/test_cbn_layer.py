@@ -227,15 +227,62 @@ def test_shared_layer_keeps_one_window_per_call_position():
 
 
 def test_set_cbn_iteration_drives_burnin_and_survives_gaps():
+    """burnin=10, window=3, iterations given with set_cbn_iteration. The
+    method note's rules: window 1 at iterations 0..9 (statistics still
+    recorded), from iteration 10 on the current batch and the entries of
+    t-2 and t-1 that exist. The conv is not trained, so compensation is
+    zero and the expected output is computed here, in float64, from the
+    batches' own statistics."""
     model = conv_cbn(window=3, burnin=10)
-    set_cbn_iteration(model, 12)  # e.g. after a resume
-    model(torch.randn(2, 3, 6, 6))
-    assert model[1].iteration == 12
-    set_cbn_iteration(model, 20)  # entries of 12 are out of the window
-    x = torch.randn(2, 3, 6, 6)
-    ref = conv_bn(model)
-    ref[1].load_state_dict(model[1].state_dict())
-    torch.testing.assert_close(model(x), ref(x), rtol=1e-6, atol=1e-6)
+    conv, layer = model
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    gen = torch.Generator().manual_seed(0)
+    # every iteration's batch has its own mean and spread
+    batches = {
+        it: torch.randn(2, 3, 6, 6, generator=gen) * (1 + 0.3 * (it % 4)) +
+        0.5 * (it % 3)
+        for it in (7, 8, 9, 10, 11, 13, 20)
+    }
+
+    def expected(its):
+        """Normalization of batch ``its[-1]`` with the statistics pooled
+        over the batches ``its`` (equal weights, as in the note)."""
+        with torch.no_grad():
+            xs = [conv(batches[i]).double() for i in its]
+        mean = torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0)
+        nu = torch.stack([x.square().mean((0, 2, 3)) for x in xs]).mean(0)
+        var = (nu - mean.square()).clamp_min(0)
+        y = (xs[-1] - mean[:, None, None]) / (
+            var[:, None, None] + layer.eps).sqrt()
+        return (y * layer.weight.double()[:, None, None] +
+                layer.bias.double()[:, None, None]).float()
+
+    def run(it):
+        set_cbn_iteration(model, it)
+        y = model(batches[it])
+        assert layer.iteration == it
+        return y.detach()
+
+    close = dict(rtol=1e-5, atol=1e-5)
+    for it in (7, 8):
+        torch.testing.assert_close(run(it), expected([it]), **close)
+    # iteration 9 < burnin: BatchNorm although entries of 7 and 8 exist
+    y9 = run(9)
+    torch.testing.assert_close(y9, expected([9]), **close)
+    assert not torch.allclose(y9, expected([7, 8, 9]), **close)
+    # iteration 10 == burnin: the full window, entries of 8 and 9
+    y10 = run(10)
+    torch.testing.assert_close(y10, expected([8, 9, 10]), **close)
+    assert not torch.allclose(y10, expected([9, 10]), **close)
+    assert not torch.allclose(y10, expected([10]), **close)
+    torch.testing.assert_close(run(11), expected([9, 10, 11]), **close)
+    # a gap (e.g. after a resume): at 13 the window is 11 and 12; only the
+    # entry of 11 exists, so two batches are pooled
+    torch.testing.assert_close(run(13), expected([11, 13]), **close)
+    # at 20 the entries of 11 and 13 are too old: BatchNorm
+    torch.testing.assert_close(run(20), expected([20]), **close)
 
 
 def test_nonfinite_history_is_dropped_and_running_stats_stay_finite(mmlogs):

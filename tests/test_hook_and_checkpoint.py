@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 import mmcbn
@@ -14,11 +15,12 @@ from tiny_cbn import RecordCBNIterations, tiny_config
 
 
 def make_runner(work_dir, max_epochs=3, resume=None, probe=None,
-                norm_cfg=None):
+                norm_cfg=None, **kwargs):
     cfg = tiny_config(work_dir, max_epochs, norm_cfg)
     if probe is not None:
         cfg['custom_hooks'].append(probe)
-    return Runner(**cfg, load_from=resume, resume=resume is not None)
+    return Runner(**cfg, load_from=resume, resume=resume is not None,
+                  **kwargs)
 
 
 def test_hook_gives_layers_the_runner_iteration(tmp_path, mmlogs):
@@ -60,8 +62,22 @@ def test_resume_mid_burnin_continues_with_the_right_iteration(tmp_path):
     assert full['meta']['iter'] == resumed['meta']['iter'] == 12
 
 
+class RecordLosses(Hook):
+    """The loss of every iteration, as the model returned it."""
+
+    def __init__(self):
+        self.losses = []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        self.losses.append(float(outputs['loss']))
+
+
 def test_runner_checkpoint_needs_and_passes_the_allow_list(tmp_path):
-    make_runner(tmp_path, max_epochs=1).train()
+    probe = RecordLosses()
+    # its own message hub: runners started in the same second share one
+    make_runner(tmp_path, max_epochs=1, probe=probe,
+                experiment_name=f'allow-list-{tmp_path.name}').train()
     path = osp.join(tmp_path, 'epoch_1.pth')
     assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
     torch.serialization.clear_safe_globals()
@@ -74,9 +90,12 @@ def test_runner_checkpoint_needs_and_passes_the_allow_list(tmp_path):
         mmcbn.register_safe_globals()
     ckpt = torch.load(path)  # default weights_only=True
     assert set(ckpt) >= {'meta', 'state_dict', 'message_hub', 'optimizer'}
-    hub = ckpt['message_hub']['log_scalars']
-    assert hub['train/loss'].mean() == pytest.approx(
-        hub['train/loss'].mean())
+    # the loss history unpickled through the allow-list is the one the
+    # model returned at each of the 4 iterations (8 images, 2 per batch)
+    history, counts = ckpt['message_hub']['log_scalars']['train/loss'].data
+    assert len(probe.losses) == 4
+    assert history.tolist() == pytest.approx(probe.losses, rel=1e-6)
+    assert counts.tolist() == [1] * 4
 
 
 class NotAllowed:

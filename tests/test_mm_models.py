@@ -100,15 +100,3 @@ def test_bn_state_dict_loads_both_ways(name):
     bn_back.load_state_dict(cbn_model.state_dict())
     for key, value in bn_model.state_dict().items():
         torch.testing.assert_close(bn_back.state_dict()[key], value)
-    # and the two models agree in eval mode
-    bn_model.eval(), cbn_model.eval()
-    batch = make_batch(7)
-    with torch.no_grad():
-        a = bn_model.test_step(batch)
-        b = cbn_model.test_step(batch)
-    if scope == 'mmdet':
-        torch.testing.assert_close(a[0].pred_instances.bboxes,
-                                   b[0].pred_instances.bboxes)
-    else:
-        torch.testing.assert_close(a[0].seg_logits.data,
-                                   b[0].seg_logits.data)

@@ -2,9 +2,10 @@
 # Create (or update) the virtual environment with mmcbn's pinned stack.
 #
 # Idempotent: when everything is installed it only checks, in seconds.
-# mmcv 2.1.0 is compiled from its sdist with its C++ ops (about 10-15 min on
-# 2 cores the first time); pip caches the wheel, so a fresh virtualenv on the
-# same machine reuses it.
+# mmcv 2.1.0 is compiled from its sdist with its C++ ops: `time make install`
+# into a fresh .venv with an empty pip cache took 17.6 min (real) on a shared
+# 2-core CPU (2026-11-25), most of it the mmcv build. pip caches the
+# wheel, so a fresh virtualenv on the same machine reuses it.
 #
 # Usage: tools/install.sh            (VENV=path overrides .venv)
 set -euo pipefail
