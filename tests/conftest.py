@@ -2,6 +2,7 @@
 import logging
 
 import pytest
+import torch
 from mmengine.logging import MMLogger
 
 
@@ -35,3 +36,21 @@ def mmlogs(monkeypatch):
     yield handler
     for logger in MMLogger._instance_dict.values():
         logger.removeHandler(handler)
+
+
+#: Devices the numeric tests run on. CI has no GPU: the CUDA cases are
+#: reported as skipped, with the reason, and run wherever CUDA exists.
+DEVICES = [
+    'cpu',
+    pytest.param(
+        'cuda',
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(),
+            reason='CUDA is not available (CI has no GPU)')),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Run a test on the CPU and, where available, on CUDA."""
+    return torch.device(request.param)
