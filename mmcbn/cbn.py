@@ -169,6 +169,10 @@ class _CrossIterationBatchNorm:
         self._monitor = False
         #: Whether a forward ran inside torch.compile (then as BatchNorm).
         self._compiled = False
+        #: ``id(self)`` when the windows were last bound: a copy (deepcopy,
+        #: an EMA model, unpickling) sees another id (see _adopt_after_copy)
+        self._instance_id = id(self)
+        self._rekey: set = set()
 
     # ----------------------------------------------------------- iterations
     @property
@@ -385,6 +389,7 @@ class _CrossIterationBatchNorm:
     def _bind(self, x: Tensor, position: int) -> Binding:
         """Find the producer of ``x``; fall back (and warn) if none."""
         binding = find_producer(x)
+        self._adopt_after_copy(position, binding)
         self.bindings[position] = binding.info()
         if binding.status == 'unbound':
             self._warn_once(
@@ -395,6 +400,24 @@ class _CrossIterationBatchNorm:
         elif not self._external_iteration:
             self._check_calls_share_iteration(binding)
         return binding
+
+    def _adopt_after_copy(self, position: int, binding: Binding) -> None:
+        """Keep the windows of a copied layer (``copy.deepcopy``, an EMA
+        model, unpickling).
+
+        Recorded entries name their producer by its parameters' ``id``,
+        which a copy changes. After a copy, the first binding of each call
+        position takes the entries over if its producer has the same layout
+        and trainability (the producer of a copied model is the copy of the
+        original's); otherwise the window starts afresh, as before. Host
+        bookkeeping only.
+        """
+        if self._instance_id != id(self):
+            self._instance_id = id(self)
+            self._rekey = set(range(len(self._windows)))
+        if position in self._rekey:
+            self._rekey.discard(position)
+            self._windows[position].adopt_key(binding.key)
 
     def _check_calls_share_iteration(self, binding: Binding) -> None:
         """Warn if two calls see the same producer state with no iteration
