@@ -37,6 +37,18 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f'CBN {name} must be True or False, got {value!r}')
+    return value
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (not a bool)."""
+    return not isinstance(value, bool) and isinstance(
+        value, (int, float)) and math.isfinite(value)
+
+
 #: Accepted values of ``running_stats_from``.
 RUNNING_STATS_SOURCES = ('batch', 'window')
 #: Accepted values of ``store_dtype`` (None: the statistics dtype).
@@ -60,10 +72,11 @@ class _CrossIterationBatchNorm:
 
     Args:
         num_features (int): Number of channels ``C``.
-        eps (float): Added to the variance inside the square root.
-            Defaults to 1e-5.
-        momentum (float, optional): Running-statistics momentum, None for a
-            cumulative average, as in ``nn.BatchNorm2d``. Defaults to 0.1.
+        eps (float): Added to the variance inside the square root (a
+            number > 0). Defaults to 1e-5.
+        momentum (float, optional): Running-statistics momentum in [0, 1],
+            None for a cumulative average, as in ``nn.BatchNorm2d``.
+            Defaults to 0.1.
         affine (bool): Learnable scale and shift. Defaults to True.
         track_running_stats (bool): Keep running statistics for eval mode.
             Defaults to True.
@@ -118,21 +131,26 @@ class _CrossIterationBatchNorm:
                  store_dtype: Optional[str] = None,
                  device=None,
                  dtype=None) -> None:
+        if not _is_number(eps) or eps <= 0:
+            raise ValueError(f'CBN eps must be a number > 0, got {eps!r}')
+        if momentum is not None and (not _is_number(momentum)
+                                     or not 0 <= momentum <= 1):
+            raise ValueError('CBN momentum must be None or a number in '
+                             f'[0, 1], got {momentum!r}')
+        _check_bool('affine', affine)
+        _check_bool('track_running_stats', track_running_stats)
         super().__init__(num_features, eps, momentum, affine,
                          track_running_stats, device, dtype)
         self.window = _check_int('window', window, 1)
-        if burnin_by_epoch:
-            if isinstance(burnin, bool) or not isinstance(
-                    burnin, (int, float)) or not math.isfinite(burnin) \
-                    or burnin < 0:
+        if _check_bool('burnin_by_epoch', burnin_by_epoch):
+            if not _is_number(burnin) or burnin < 0:
                 raise ValueError('CBN burnin (epochs) must be a number >= 0, '
                                  f'got {burnin!r}')
         else:
             _check_int('burnin', burnin, 0)
-        if not isinstance(compensate, bool):
-            raise ValueError(
-                f'CBN compensate must be True or False, got {compensate!r}')
-        if running_stats_from not in RUNNING_STATS_SOURCES:
+        _check_bool('compensate', compensate)
+        if not isinstance(running_stats_from, str) or \
+                running_stats_from not in RUNNING_STATS_SOURCES:
             raise ValueError(
                 'CBN running_stats_from must be one of '
                 f'{", ".join(map(repr, RUNNING_STATS_SOURCES))}, got '
