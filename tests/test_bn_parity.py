@@ -15,10 +15,10 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from mmdet.models.layers import ExpMomentumEMA
 from mmengine.config import Config
 from mmengine.model import ExponentialMovingAverage
 from mmengine.runner import Runner
-from mmdet.models.layers import ExpMomentumEMA
 from torch import nn
 
 from mmcbn import (CBN2d, CBNHook, SyncCBN2d, binding_summary, cbn_layers,

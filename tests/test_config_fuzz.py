@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from mmcv.cnn import build_norm_layer
 from mmengine.registry import HOOKS, MODELS
@@ -22,10 +22,8 @@ from mmcbn import (CBN1d, CBN2d, CBN3d, CBNHook, SyncCBN1d, SyncCBN2d,
                    SyncCBN3d)
 from tiny_cbn import tiny_config
 
-#: Deterministic, quick, no example database: fit for CI.
-FUZZ = settings(derandomize=True, deadline=None, database=None,
-                max_examples=60,
-                suppress_health_check=[HealthCheck.too_slow])
+#: Twice the profile's examples (tests/conftest.py): these are cheap.
+FUZZ = settings(max_examples=2 * settings.default.max_examples)
 
 CLASSES = (CBN1d, CBN2d, CBN3d, SyncCBN1d, SyncCBN2d, SyncCBN3d)
 NAN, INF = float('nan'), float('inf')
