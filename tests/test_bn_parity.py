@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from mmdet.models.layers import ExpMomentumEMA
 from mmengine.config import Config
 from mmengine.model import ExponentialMovingAverage
+from mmcv.cnn import build_norm_layer
 from mmengine.runner import Runner
 from torch import nn
 
@@ -85,7 +86,8 @@ def train(model, xs, opt=None, iterations=None):
 
 
 def norms(model):
-    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def assert_layer_state_finite(layer):
@@ -104,6 +106,7 @@ def assert_same_as_bn(cbn, bn, outs_c, outs_b, grads_c, grads_b, tol=1e-5):
     for ga, gb in zip(grads_c, grads_b):
         for a, b in zip(ga, gb):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert len(norms(cbn)) == len(norms(bn)) == 2
     for lc, lb in zip(norms(cbn), norms(bn)):
         for name in ('running_mean', 'running_var', 'num_batches_tracked'):
             torch.testing.assert_close(getattr(lc, name), getattr(lb, name),
@@ -195,6 +198,23 @@ def test_empty_batch_mid_run_keeps_and_uses_the_window(layer, hook):
     plain = bn_twin(model)(x)
     assert not torch.allclose(out, plain, atol=1e-3)  # the window counts
     assert torch.isfinite(out).all()
+
+
+def test_synccbn_window_one_is_mmcv_syncbn_outside_distributed():
+    """mmcv's SyncBN trains outside a distributed run: so does SyncCBN, as
+    the same layer, on full, single-sample, empty and channels-last
+    batches (built by mmcv's build_norm_layer, as configs do)."""
+    def net(cfg):
+        torch.manual_seed(0)
+        return Net(lambda c: build_norm_layer(cfg, c)[1])
+
+    ours = net(dict(type='SyncCBN', window=1))
+    theirs = net(dict(type='SyncBN'))
+    assert isinstance(ours.n1, SyncCBN2d)
+    theirs.load_state_dict(ours.state_dict())
+    xs = data(steps=2) + data(n=1, steps=1) + [torch.randn(0, 3, 6, 6)] + [
+        x.contiguous(memory_format=CL) for x in data(steps=2, seed=3)]
+    compare_with_bn(ours, theirs, xs)
 
 
 # ------------------------------------------------------------ single sample
