@@ -156,7 +156,8 @@ class _CrossIterationBatchNorm:
                 f'{", ".join(map(repr, RUNNING_STATS_SOURCES))}, got '
                 f'{running_stats_from!r}')
         self.moment_stride = _check_int('moment_stride', moment_stride, 1)
-        if store_dtype not in STORE_DTYPES:
+        if not (store_dtype is None or isinstance(store_dtype, str)) or \
+                store_dtype not in STORE_DTYPES:  # (no hash of a list)
             raise ValueError(
                 'CBN store_dtype must be None, \'bfloat16\' or '
                 f"'float16', got {store_dtype!r}")

@@ -52,6 +52,9 @@ CBN_VALID = {
     'momentum': lambda v, cfg: v is None or (is_number(v) and 0 <= v <= 1),
     'affine': lambda v, cfg: isinstance(v, bool),
     'track_running_stats': lambda v, cfg: isinstance(v, bool),
+    'moment_stride': lambda v, cfg: is_int(v, 1),
+    'store_dtype': lambda v, cfg: v is None or (isinstance(v, str) and v in (
+        'bfloat16', 'float16')),
 }
 
 #: Wrong types and values for every CBN option.
@@ -66,6 +69,9 @@ CBN_BAD = {
     'momentum': [-0.1, 1.5, '0.1', True, NAN, INF, [0.1]],
     'affine': [1, 0, 'True', None],
     'track_running_stats': [1, 'yes', None, 0.0],
+    'moment_stride': [0, -1, 2.0, True, '2', None, [2]],
+    'store_dtype': ['bf16', 'float32', torch.bfloat16, 16, True, ['float16'],
+                    {'dtype': 'float16'}],
 }
 
 #: Valid values at the edges of the domains.
@@ -79,6 +85,8 @@ CBN_GOOD = {
     'momentum': [None, 0, 1, 0.5],
     'affine': [True, False],
     'track_running_stats': [True, False],
+    'moment_stride': [1, 2, 5],
+    'store_dtype': [None, 'bfloat16', 'float16'],
 }
 
 HOOK_BOOLS = ('log_bindings', 'health', 'health_by_group', 'save_window',
@@ -87,11 +95,14 @@ HOOK_VALID = {
     **{key: lambda v: isinstance(v, bool)
        for key in HOOK_BOOLS},
     'interval': lambda v: v is None or is_int(v, 1),
+    'window_unit': lambda v: isinstance(v, str) and v in ('iteration',
+                                                          'cycle'),
 }
 HOOK_BAD = {
     **{key: [1, 0, 'yes', None, 1.0]
        for key in HOOK_BOOLS},
     'interval': [0, -5, 2.5, '10', True, [10], NAN],
+    'window_unit': ['iterations', 'epoch', None, 1, ['cycle']],
 }
 
 
@@ -199,7 +210,8 @@ def test_unknown_cbn_key_is_rejected_by_name(cfg, key):
 ANY = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 20),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(['batch', 'window', 'Batch', '', '4', 'True']),
+    st.sampled_from(['batch', 'window', 'Batch', '', '4', 'True', 'bfloat16',
+                     'float16', 'float32', 'iteration', 'cycle']),
     st.lists(st.integers(0, 3), max_size=2),
     st.dictionaries(st.sampled_from(['a', 'b']), st.integers(), max_size=1))
 
@@ -273,10 +285,12 @@ def test_runner_config_errors_name_the_key(tmp_path):
     """Errors surface when the runner builds the model and the hooks."""
     cfg = tiny_config(tmp_path / 'norm', norm_cfg=dict(type='CBN',
                                                        momentum=2))
+    cfg['experiment_name'] = f'fuzz_norm_{tmp_path.name}'
     with pytest.raises(ValueError) as err:
         Runner(**cfg)
     assert_names(err, 'momentum', 2)
     cfg = tiny_config(tmp_path / 'hook')
+    cfg['experiment_name'] = f'fuzz_hook_{tmp_path.name}'
     cfg['custom_hooks'] = [dict(type='CBNHook', interval=0)]
     with pytest.raises(ValueError) as err:
         Runner(**cfg)
