@@ -64,6 +64,8 @@ def scenario(kind, seed):
         compensate=rng.random() < 0.75,
         running_stats_from=rng.choice(['batch', 'window']),
         sync=rng.random() < 0.5,
+        store_dtype=rng.choice([None, None, 'bfloat16']),
+        moment_stride=rng.choice([1, 1, 2]),
         element=rng.randrange(1 << 20))
 
 
@@ -71,7 +73,9 @@ def build(sc):
     torch.manual_seed(0)
     model = Net(sc['sync'], window=sc['window'], burnin=sc['burnin'],
                 compensate=sc['compensate'],
-                running_stats_from=sc['running_stats_from'])
+                running_stats_from=sc['running_stats_from'],
+                store_dtype=sc.get('store_dtype'),
+                moment_stride=sc.get('moment_stride', 1))
     name_cbn_layers(model)
     return model
 

@@ -11,7 +11,8 @@ iteration). Properties:
   input and parameter gradients, running statistics;
 - with the producer's weights held, compensation is zero and the window is
   BatchNorm over the pooled last ``window`` batches of its call position;
-- while training, outputs, gradients, running statistics and window
+- while training (also with the opt-in ``moment_stride`` and
+  ``store_dtype``), outputs, gradients, running statistics and window
   entries stay finite, with at most ``window - 1`` entries per position;
 - a slice of the independent float64 reference trajectory
   (``reference_cbn.py``) agrees for drawn producers and settings.
@@ -240,13 +241,17 @@ def test_held_weights_window_is_pooled_batchnorm(cfg, window, burnin, steps,
        steps=st.integers(3, 8), calls=CALLS,
        dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 999),
        compensate=st.booleans(),
-       running_stats_from=st.sampled_from(['batch', 'window']))
+       running_stats_from=st.sampled_from(['batch', 'window']),
+       moment_stride=st.integers(1, 3),
+       store_dtype=st.sampled_from([None, 'bfloat16', 'float16']))
 def test_training_stays_finite(cfg, window, burnin, steps, calls, dtype,
-                               seed, compensate, running_stats_from):
+                               seed, compensate, running_stats_from,
+                               moment_stride, store_dtype):
     dtype = DTYPES[dtype]
     model, twin = build(cfg, dtype, seed, window=window, burnin=burnin,
                         compensate=compensate,
-                        running_stats_from=running_stats_from)
+                        running_stats_from=running_stats_from,
+                        moment_stride=moment_stride, store_dtype=store_dtype)
     per = 1 if calls == 'each' else calls
     xs = group(inputs(cfg, steps * per, dtype, seed), calls)
     record = run(model, xs, calls, lr=0.05)
