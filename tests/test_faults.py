@@ -210,16 +210,25 @@ def test_fault_leaves_no_trace(kind, seed):
         sc['producer'] = 'c1'  # every layer downstream sees the fault
     steps = sc['fault'] + sc['window'] + 3
     xs = batches(steps)
-    outs, _ = run(build(sc), sc, xs)
+    model, twin_model = build(sc), build(sc)
+    outs, _ = run(model, sc, xs)
     if kind.startswith('grad'):
-        twin, _ = run(build(sc), sc, xs, inject=False, step_skip=sc['fault'])
+        twin, _ = run(twin_model, sc, xs, inject=False, step_skip=sc['fault'])
     else:
-        twin, _ = run(build(sc), sc, xs, inject=False, skip=sc['fault'])
-    # (up to rounding: an unusable entry in the window sends the layer
-    # through the window kernels instead of BatchNorm's, same math)
+        twin, _ = run(twin_model, sc, xs, inject=False, skip=sc['fault'])
+    # Up to rounding: an unusable entry in the window sends a layer through
+    # the window kernels instead of BatchNorm's (the same math), and SGD
+    # with momentum amplifies the last bits over the following steps.
+    tol = dict(rtol=1e-3, atol=2e-4)
     for it in range(sc['fault'] + 1, steps):
-        torch.testing.assert_close(outs[it], twin[it], rtol=1e-4, atol=1e-5,
+        torch.testing.assert_close(outs[it], twin[it], **tol,
                                    msg=lambda m: f'{sc}, iteration {it}: {m}')
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        torch.testing.assert_close(p, q, **tol)
+    for (name, a), (_, b) in zip(cbn_layers(model), cbn_layers(twin_model)):
+        assert int(a.num_batches_tracked) == int(b.num_batches_tracked), name
+        torch.testing.assert_close(a.running_mean, b.running_mean, **tol)
+        torch.testing.assert_close(a.running_var, b.running_var, **tol)
 
 
 def test_events_are_counted_and_warned_once_per_layer_and_kind(mmlogs):
