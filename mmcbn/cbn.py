@@ -37,6 +37,18 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f'CBN {name} must be True or False, got {value!r}')
+    return value
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (not a bool)."""
+    return not isinstance(value, bool) and isinstance(
+        value, (int, float)) and math.isfinite(value)
+
+
 #: Accepted values of ``running_stats_from``.
 RUNNING_STATS_SOURCES = ('batch', 'window')
 #: Accepted values of ``store_dtype`` (None: the statistics dtype).
@@ -60,10 +72,11 @@ class _CrossIterationBatchNorm:
 
     Args:
         num_features (int): Number of channels ``C``.
-        eps (float): Added to the variance inside the square root.
-            Defaults to 1e-5.
-        momentum (float, optional): Running-statistics momentum, None for a
-            cumulative average, as in ``nn.BatchNorm2d``. Defaults to 0.1.
+        eps (float): Added to the variance inside the square root (a
+            number > 0). Defaults to 1e-5.
+        momentum (float, optional): Running-statistics momentum in [0, 1],
+            None for a cumulative average, as in ``nn.BatchNorm2d``.
+            Defaults to 0.1.
         affine (bool): Learnable scale and shift. Defaults to True.
         track_running_stats (bool): Keep running statistics for eval mode.
             Defaults to True.
@@ -118,27 +131,33 @@ class _CrossIterationBatchNorm:
                  store_dtype: Optional[str] = None,
                  device=None,
                  dtype=None) -> None:
+        if not _is_number(eps) or eps <= 0:
+            raise ValueError(f'CBN eps must be a number > 0, got {eps!r}')
+        if momentum is not None and (not _is_number(momentum)
+                                     or not 0 <= momentum <= 1):
+            raise ValueError('CBN momentum must be None or a number in '
+                             f'[0, 1], got {momentum!r}')
+        _check_bool('affine', affine)
+        _check_bool('track_running_stats', track_running_stats)
         super().__init__(num_features, eps, momentum, affine,
                          track_running_stats, device, dtype)
         self.window = _check_int('window', window, 1)
-        if burnin_by_epoch:
-            if isinstance(burnin, bool) or not isinstance(
-                    burnin, (int, float)) or not math.isfinite(burnin) \
-                    or burnin < 0:
+        if _check_bool('burnin_by_epoch', burnin_by_epoch):
+            if not _is_number(burnin) or burnin < 0:
                 raise ValueError('CBN burnin (epochs) must be a number >= 0, '
                                  f'got {burnin!r}')
         else:
             _check_int('burnin', burnin, 0)
-        if not isinstance(compensate, bool):
-            raise ValueError(
-                f'CBN compensate must be True or False, got {compensate!r}')
-        if running_stats_from not in RUNNING_STATS_SOURCES:
+        _check_bool('compensate', compensate)
+        if not isinstance(running_stats_from, str) or \
+                running_stats_from not in RUNNING_STATS_SOURCES:
             raise ValueError(
                 'CBN running_stats_from must be one of '
                 f'{", ".join(map(repr, RUNNING_STATS_SOURCES))}, got '
                 f'{running_stats_from!r}')
         self.moment_stride = _check_int('moment_stride', moment_stride, 1)
-        if store_dtype not in STORE_DTYPES:
+        if not (store_dtype is None or isinstance(store_dtype, str)) or \
+                store_dtype not in STORE_DTYPES:  # (no hash of a list)
             raise ValueError(
                 'CBN store_dtype must be None, \'bfloat16\' or '
                 f"'float16', got {store_dtype!r}")
@@ -169,6 +188,10 @@ class _CrossIterationBatchNorm:
         self._monitor = False
         #: Whether a forward ran inside torch.compile (then as BatchNorm).
         self._compiled = False
+        #: ``id(self)`` when the windows were last bound: a copy (deepcopy,
+        #: an EMA model, unpickling) sees another id (see _adopt_after_copy)
+        self._instance_id = id(self)
+        self._rekey: set = set()
 
     # ----------------------------------------------------------- iterations
     @property
@@ -385,6 +408,7 @@ class _CrossIterationBatchNorm:
     def _bind(self, x: Tensor, position: int) -> Binding:
         """Find the producer of ``x``; fall back (and warn) if none."""
         binding = find_producer(x)
+        self._adopt_after_copy(position, binding)
         self.bindings[position] = binding.info()
         if binding.status == 'unbound':
             self._warn_once(
@@ -395,6 +419,24 @@ class _CrossIterationBatchNorm:
         elif not self._external_iteration:
             self._check_calls_share_iteration(binding)
         return binding
+
+    def _adopt_after_copy(self, position: int, binding: Binding) -> None:
+        """Keep the windows of a copied layer (``copy.deepcopy``, an EMA
+        model, unpickling).
+
+        Recorded entries name their producer by its parameters' ``id``,
+        which a copy changes. After a copy, the first binding of each call
+        position takes the entries over if its producer has the same layout
+        and trainability (the producer of a copied model is the copy of the
+        original's); otherwise the window starts afresh, as before. Host
+        bookkeeping only.
+        """
+        if self._instance_id != id(self):
+            self._instance_id = id(self)
+            self._rekey = set(range(len(self._windows)))
+        if position in self._rekey:
+            self._rekey.discard(position)
+            self._windows[position].adopt_key(binding.key)
 
     def _check_calls_share_iteration(self, binding: Binding) -> None:
         """Warn if two calls see the same producer state with no iteration

@@ -114,6 +114,9 @@ def binding_summary(model: nn.Module) -> str:
     fallbacks = []
     for name, layer in cbn_layers(model):
         seen = [b for b in layer.bindings if b is not None]
+        if not seen and getattr(layer, '_compiled', False):
+            status['ran as BatchNorm inside torch.compile'] += 1
+            continue
         if not layer.training or not seen:
             status['not run in training mode'] += 1
             continue

@@ -36,6 +36,8 @@ from .binding import Binding
 _EMPTY_SLOT = -(1 << 62)
 #: Per-slot bookkeeping tensors (not records).
 _META = ('iteration', 'cycle', 'count', 'ok')
+#: Positions of the parameter ids (weight, bias) in a producer key.
+_PARAM_ID_FIELDS = (1, 3)
 
 
 @dataclass
@@ -269,6 +271,26 @@ class WindowState:
         buffers['cycle'][slot].fill_(iteration if cycle is None else cycle)
         self.iterations[slot] = iteration
         return ok
+
+    def adopt_key(self, key: tuple) -> bool:
+        """Take the entries over for ``key`` if it differs from theirs in
+        the parameter ids only (the same producer kind, shapes, arguments
+        and trainability): the producer of a copied model.
+
+        Returns:
+            bool: Whether the key was taken over.
+        """
+        old = self.key
+        if old is None or old == key or old[0] not in ('conv', 'linear') \
+                or old[0] != key[0] or len(old) != len(key):
+            return False
+        for index, (a, b) in enumerate(zip(old, key)):
+            same = (a is None) == (b is None) if index in _PARAM_ID_FIELDS \
+                else a == b
+            if not same:
+                return False
+        self.key = key
+        return True
 
     def has_entries(self, iteration: int, lags: int, key: tuple) -> bool:
         """Whether some slot holds an iteration ``t - lags .. t - 1`` of

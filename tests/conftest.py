@@ -1,9 +1,29 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
 import logging
+import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from mmengine.logging import MMLogger
+
+# Property-based tests: deterministic and quick in CI (the same examples on
+# every run, no example database); HYPOTHESIS_PROFILE=thorough draws many
+# more, randomly, for a local search.
+settings.register_profile(
+    'ci',
+    derandomize=True,
+    deadline=None,
+    database=None,
+    max_examples=50,
+    suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    'thorough',
+    deadline=None,
+    database=None,
+    max_examples=1000,
+    suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
 
 
 class _Collect(logging.Handler):

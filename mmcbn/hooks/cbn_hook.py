@@ -30,6 +30,17 @@ def _check_bool(name: str, value) -> bool:
     return value
 
 
+def _compiles(runner) -> bool:
+    """Whether the runner compiles ``train_step``: mmengine 0.10 does when
+    its config has ``compile`` set to True or to a dict of options (even an
+    empty one); it keeps no attribute for it."""
+    if getattr(runner, '_compile', False):
+        return True
+    cfg = getattr(runner, 'cfg', None)
+    compile_cfg = cfg.get('compile', None) if cfg is not None else None
+    return compile_cfg is not None and compile_cfg is not False
+
+
 @HOOKS.register_module()
 class CBNHook(Hook):
     """Keep every CBN layer in step with the runner, log its health, and
@@ -173,7 +184,7 @@ class CBNHook(Hook):
             f'({iters} iterations)' for w, b, by_ep, iters in settings)
         runner.logger.info(f'CBNHook: {count} CBN layers, {desc}; '
                            f'{iters_per_epoch} iterations per epoch.')
-        if getattr(runner, '_compile', False):
+        if _compiles(runner):
             runner.logger.warning(
                 'CBNHook: the model is compiled (compile=True). Inside '
                 'torch.compile there is no autograd graph to find the '
