@@ -92,8 +92,11 @@ def observe(layer, history, stats, mean_t: Tensor, var_t: Tensor,
     acc[_REP_N].add_(hist_keep.sum() * channels)
     used = (history.count > 0).unsqueeze(1)
     spread = var_t + eps
-    comp_mean = (history.mean - history.raw_mean).abs() / spread.sqrt()
-    comp_nu = (history.comp_nu - history.raw_nu).abs() / spread
+    shift = history.mean - history.raw_mean
+    comp_mean = shift.abs() / spread.sqrt()
+    # nu_comp - nu_raw = (var_comp - var_raw) + shift (mean_comp + mean_raw)
+    comp_nu = (history.var - history.raw_var + shift *
+               (history.mean + history.raw_mean)).abs() / spread
     acc[_CMEAN].add_(torch.where(used, comp_mean, 0.).sum())
     acc[_CNU].add_(torch.where(used, comp_nu, 0.).sum())
     acc[_COMP_N].add_(used.sum() * channels)

@@ -3,18 +3,29 @@
 
 For an entry recorded at iteration ``s`` under producer parameters
 ``(W_s, b_s)``, the first-order Taylor expansion at the current ``(W, b)``
-is::
+is (method note)::
 
     mean_s(W, b) = mean_s + pbar_s . (W - W_s) + (b - b_s)
     nu_s(W, b)   = nu_s   + G_s . (W - W_s)    + 2 mean_s (b - b_s)
 
-(``.`` is the per-output-channel dot product). Everything that depends on
-``W_s``/``b_s`` is folded into two vectors at record time::
+(``.`` is the per-output-channel dot product), and the variance is
+``nu_s(W, b) - mean_s(W, b)^2``. Written out, the bias terms cancel and the
+same value is::
+
+    var_s(W, b) = var_s + Gc_s . (W - W_s) - (mean_s(W, b) - mean_s)^2
+
+with the *centered* moment gradient ``Gc_s = G_s - 2 mean_s pbar_s =
+(2/m) sum_i (x_i - mean_s) p_i`` (a conv weight gradient with
+``grad_output = 2 (x - mean) / m``). This form never subtracts two large
+numbers: ``nu - mean^2`` loses float32 precision when a channel's mean is
+large against its spread, ``Gc . W`` is of the size of the variance.
+Everything that depends on ``W_s``/``b_s`` is folded into two vectors at
+record time::
 
     a_mean = mean_s - pbar_s . W_s - b_s
-    a_nu   = nu_s   - G_s . W_s    - 2 mean_s b_s
+    a_var  = var_s  - Gc_s . W_s
 
-so an entry stores ``G_s`` (one weight-sized tensor), ``pbar_s`` (one
+so an entry stores ``Gc_s`` (one weight-sized tensor), ``pbar_s`` (one
 ``C_in * K`` vector shared by all output channels) and C-vectors, never a
 copy of the weight, and compensation is a batched row-wise dot product.
 
@@ -44,19 +55,18 @@ _PARAM_ID_FIELDS = (1, 3)
 class Record:
     """One iteration's statistics with what compensation needs.
 
-    ``raw_mean``/``raw_nu`` are the statistics as recorded; ``a_mean``/
-    ``a_nu`` the folded constants above (the raw statistics for an
-    uncompensated entry); ``pbar``/``nu_grad`` exist when the producer's
-    weight is trainable, ``mean`` when its bias is.
+    ``raw_mean``/``raw_var`` are the statistics as recorded; ``a_mean``/
+    ``a_var`` the folded constants above (the raw mean and variance for an
+    uncompensated entry); ``pbar``/``var_grad`` (``Gc``) exist when the
+    producer's weight is trainable.
     """
 
     raw_mean: Tensor
-    raw_nu: Tensor
+    raw_var: Tensor
     a_mean: Tensor
-    a_nu: Tensor
+    a_var: Tensor
     pbar: Optional[Tensor] = None
-    nu_grad: Optional[Tensor] = None
-    mean: Optional[Tensor] = None
+    var_grad: Optional[Tensor] = None
 
 
 #: Elements per chunk of a row-wise product (the temporary stays in cache;
@@ -112,24 +122,22 @@ def make_record(binding: Binding,
         moment_stride (int): Subsampling of ``d nu / d W`` (1: exact).
         phase (tuple[int]): Its first position per spatial dimension.
     """
-    nu = var + mean.square()
     prod = binding.producer
     if not compensate or binding.status != 'bound':
-        return Record(raw_mean=mean, raw_nu=nu, a_mean=mean, a_nu=nu)
+        return Record(raw_mean=mean, raw_var=var, a_mean=mean, a_var=var)
     dtype = mean.dtype
-    a_mean, a_nu = mean.clone(), nu.clone()
-    record = Record(raw_mean=mean, raw_nu=nu, a_mean=a_mean, a_nu=a_nu)
+    a_mean, a_var = mean.clone(), var.clone()
+    record = Record(raw_mean=mean, raw_var=var, a_mean=a_mean, a_var=a_var)
     if prod.weight is not None:
         weight = prod.weight.to(dtype)
         record.pbar = prod.patch_mean(x)
-        record.nu_grad = prod.moment_weight_grad(x, moment_stride, phase)
+        centered = x - mean.view((1, -1) + (1, ) * (x.dim() - 2))
+        record.var_grad = prod.moment_weight_grad(centered, moment_stride,
+                                                  phase)
         a_mean -= _group_dot(record.pbar, weight)
-        a_nu -= _row_dot(record.nu_grad, weight)
+        a_var -= _row_dot(record.var_grad, weight)
     if prod.bias is not None:
-        bias = prod.bias.to(dtype)
-        record.mean = mean
-        a_mean -= bias
-        a_nu -= 2 * mean * bias
+        a_mean -= prod.bias.to(dtype)
     return record
 
 
@@ -137,25 +145,24 @@ class History(NamedTuple):
     """The earlier entries of a window, one row per lag ``1 .. L`` (no grad).
 
     ``count`` (L, ) holds the samples (0 where no usable entry), ``mean``
-    and ``var`` (L, C) the compensated mean and ``nu - mu^2``, ``raw_mean``
-    and ``raw_nu`` (L, C) the statistics as recorded, ``comp_nu`` (L, C)
-    the compensated second moment, and ``dropped`` (0-dim) the entries
-    inside the window dropped because a compensated value was not finite.
+    and ``var`` (L, C) the compensated mean and variance (``nu - mu^2``,
+    before the repair), ``raw_mean`` and ``raw_var`` (L, C) the statistics
+    as recorded, and ``dropped`` (0-dim) the entries inside the window
+    dropped because a compensated value was not finite.
     """
 
     count: Tensor
     mean: Tensor
     var: Tensor
     raw_mean: Tensor
-    raw_nu: Tensor
-    comp_nu: Tensor
+    raw_var: Tensor
     dropped: Tensor
 
 
 def empty_history(lags: int, like: Tensor) -> History:
     """A history of ``lags`` rows that all do not count."""
     zeros = like.new_zeros((lags, like.shape[0]))
-    return History(like.new_zeros(lags), zeros, zeros, zeros, zeros, zeros,
+    return History(like.new_zeros(lags), zeros, zeros, zeros, zeros,
                    like.new_zeros((), dtype=torch.int64))
 
 
@@ -175,7 +182,7 @@ class WindowState:
     """
 
     #: Records stored in ``store_dtype`` (the weight-sized ones).
-    _COMPRESSIBLE = ('nu_grad', )
+    _COMPRESSIBLE = ('var_grad', )
 
     def __init__(self, capacity: int,
                  store_dtype: Optional[torch.dtype] = None) -> None:
@@ -217,7 +224,7 @@ class WindowState:
             for name, value in vars(record).items() if value is not None
         }
         ok = torch.isfinite(record.a_mean).all() & torch.isfinite(
-            record.a_nu).all()
+            record.a_var).all()
         if self.capacity == 0:
             return ok
         buffers = self._buffers
@@ -330,20 +337,23 @@ class WindowState:
         if not self.has_entries(iteration, lags, key):
             return None
         buf = self._buffers
-        mean, nu = buf['a_mean'], buf['a_nu']
+        mean, var = buf['a_mean'], buf['a_var']
+        moved = False
         if 'pbar' in buf and weight is not None:
             w = weight.to(mean.dtype)
             mean = mean + _group_dot(buf['pbar'], w)
-            nu = nu + _row_dot(buf['nu_grad'], w)
-        if 'mean' in buf and bias is not None:
-            b = bias.to(mean.dtype)
-            mean = mean + b
-            nu = nu + 2 * buf['mean'] * b
+            var = var + _row_dot(buf['var_grad'], w)
+            moved = True
+        if bias is not None:
+            mean = mean + bias.to(mean.dtype)
+            moved = True
+        if moved:  # the mean's shift, squared (first order in nu)
+            var = var - (mean - buf['raw_mean']).square()
         if cycle is not None:
             exact = (buf['cycle'] == cycle).unsqueeze(1)
             mean = torch.where(exact, buf['raw_mean'], mean)
-            nu = torch.where(exact, buf['raw_nu'], nu)
-        finite = torch.isfinite(mean).all(1) & torch.isfinite(nu).all(1)
+            var = torch.where(exact, buf['raw_var'], var)
+        finite = torch.isfinite(mean).all(1) & torch.isfinite(var).all(1)
         lag = iteration - buf['iteration']
         wanted = torch.arange(1, lags + 1, device=lag.device)
         in_window = lag.unsqueeze(0) == wanted.unsqueeze(1)  # (L, S)
@@ -352,11 +362,10 @@ class WindowState:
         dropped = (in_window.any(0) & buf['ok'] & ~finite).sum()
         rows = usable.unsqueeze(1)
         mean = torch.where(rows, mean, 0.)
-        nu = torch.where(rows, nu, 0.)
-        var = nu - mean.square()
+        var = torch.where(rows, var, 0.)
         return History(match @ buf['count'], match @ mean, match @ var,
-                       match @ buf['raw_mean'], match @ buf['raw_nu'],
-                       match @ nu, dropped)
+                       match @ buf['raw_mean'], match @ buf['raw_var'],
+                       dropped)
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:

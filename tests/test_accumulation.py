@@ -79,7 +79,7 @@ def _in_cycle_entries(tell):
             lag = it + 1 - rec_it
             if lag in stats and rec_it // N == (it + 1) // N:
                 pairs.append((stats[lag], buf['raw_mean'][slot].clone(),
-                              buf['raw_nu'][slot].clone()))
+                              buf['raw_var'][slot].clone()))
     return pairs
 
 
@@ -88,9 +88,9 @@ def test_in_cycle_entries_get_no_compensation():
     recorded statistics bit for bit (no Taylor term at all)."""
     pairs = _in_cycle_entries(tell=True)
     assert len(pairs) >= 4
-    for (mean, var, _), raw_mean, raw_nu in pairs:
+    for (mean, var, _), raw_mean, raw_var in pairs:
         assert torch.equal(mean, raw_mean)
-        assert torch.equal(var, (raw_nu - raw_mean.square()).clamp(min=0))
+        assert torch.equal(var, raw_var.clamp(min=0))
     # the control: not told about the cycles, the layer compensates them
     # (a Taylor term of zero weight change, which is not bit-exact)
     untold = _in_cycle_entries(tell=False)

@@ -289,7 +289,7 @@ def test_nonfinite_history_is_dropped_and_running_stats_stay_finite(mmlogs):
     model = conv_cbn(window=3)
     model(torch.randn(2, 3, 6, 6))
     state = model[1]._windows[0]
-    state._buffers['a_nu'][0, 2] = float('nan')  # a corrupt entry
+    state._buffers['a_var'][0, 2] = float('nan')  # a corrupt entry
     reference = conv_bn(model)
     x = torch.randn(2, 3, 6, 6)
     y = model(x)

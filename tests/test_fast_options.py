@@ -125,13 +125,13 @@ def test_bfloat16_storage_halves_the_entries_and_compensates_in_float32():
     model, _ = _trajectory(window=4, store_dtype='bfloat16')
     layer = model[4]
     state = layer._windows[0]
-    assert state._buffers['nu_grad'].dtype == torch.bfloat16
-    assert state._buffers['a_nu'].dtype == torch.float32
+    assert state._buffers['var_grad'].dtype == torch.bfloat16
+    assert state._buffers['a_var'].dtype == torch.float32
     exact, _ = _trajectory(window=4)
-    grad_bytes = exact[4]._windows[0]._buffers['nu_grad'].nbytes
-    assert state._buffers['nu_grad'].nbytes * 2 == grad_bytes
-    # the compensated second moment is a_nu + G_bf16 . W (+ bias terms),
-    # computed in float32 from the rounded entries (independently here)
+    grad_bytes = exact[4]._windows[0]._buffers['var_grad'].nbytes
+    assert state._buffers['var_grad'].nbytes * 2 == grad_bytes
+    # the compensated variance is a_var + Gc_bf16 . W - (shift of the
+    # mean)^2, computed in float32 from the rounded entries (independently)
     conv = model[3]
     buf = state._buffers
     t = layer.iteration + 1
@@ -143,12 +143,12 @@ def test_bfloat16_storage_halves_the_entries_and_compensates_in_float32():
         if lag not in stats:
             continue
         mean = buf['a_mean'][slot] + buf['pbar'][slot, 0] @ w.t() + b
-        nu = buf['a_nu'][slot] + (buf['nu_grad'][slot].float() * w).sum(1) \
-            + 2 * buf['mean'][slot] * b
+        var = buf['a_var'][slot] + (buf['var_grad'][slot].float() *
+                                    w).sum(1) - (mean -
+                                                 buf['raw_mean'][slot])**2
         torch.testing.assert_close(stats[lag][0], mean, rtol=1e-5,
                                    atol=1e-6)
-        torch.testing.assert_close(stats[lag][1],
-                                   (nu - mean.square()).clamp(min=0),
+        torch.testing.assert_close(stats[lag][1], var.clamp(min=0),
                                    rtol=1e-4, atol=1e-5)
 
 

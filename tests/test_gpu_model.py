@@ -110,7 +110,7 @@ def test_nonfinite_entries_are_dropped_and_reported_after_the_step(mmlogs):
     for _ in range(3):
         step(model, torch.randn(4, 3, 8, 8), opt)
     state = model.n1._windows[0]
-    state._buffers['a_nu'][0, 2] = float('inf')
+    state._buffers['a_var'][0, 2] = float('inf')
     with SyncCounter() as counter:
         step(model, torch.randn(4, 3, 8, 8), opt)
     assert counter.total == 0
