@@ -78,9 +78,13 @@ def test_load_and_plot(work_dir):
     fig = plot_cbn_health.plot(series, 'tiny')
     axes = fig.axes
     assert [ax.get_title() for ax in axes] == [
-        'window fill', 'entries repaired', 'compensation size',
-        'batch vs window'
+        'window fill\nwindow_fill', 'entries repaired\nrepaired_frac',
+        'compensation size\ncomp_mean (solid), comp_nu (dashed)',
+        'batch vs window\nbatch_vs_window_mean (solid), '
+        'batch_vs_window_var (dashed)'
     ]
+    assert [t.get_text() for t in fig.legends[0].get_texts()
+            ] == ['model', 'backbone', 'head']
     # model-wide line first, then one per group; two metrics in the
     # compensation and batch-vs-window panels
     assert [len(ax.get_lines()) for ax in axes] == [

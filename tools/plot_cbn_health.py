@@ -31,6 +31,7 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 #: The metrics CBNHook logs (mmcbn.health.METRICS), without importing torch.
 METRICS = ('window_fill', 'repaired_frac', 'comp_mean', 'comp_nu',
@@ -110,47 +111,63 @@ def burnin_end(series: Dict[Tuple[str, str], Series]) -> Optional[int]:
 
 def plot(series: Dict[Tuple[str, str], Series],
          title: Optional[str] = None) -> plt.Figure:
-    """One panel per question; model-wide values solid, groups thin."""
+    """One panel per question. Colour: the model-wide value (black, thick)
+    or a layer group; line style: the panel's first (solid) or second
+    (dashed) metric."""
     if ('window_fill', '') not in series:
         raise ValueError('the log holds no cbn_window_fill: was the run '
                          "trained with dict(type='CBNHook')?")
     groups = sorted({g for (m, g) in series if g and m in METRICS})
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
     end = burnin_end(series)
-    styles = ('-', '--')
+    styles = (('-', 'solid'), ('--', 'dashed'))
     for ax, (name, metrics, ylabel) in zip(axes.flat, PANELS):
-        for style, metric in zip(styles, metrics):
+        for (style, _), metric in zip(styles, metrics):
             steps, values = series[(metric, '')]
-            ax.plot(steps, values, style, color='black', linewidth=1.5,
-                    label=f'{metric} (model)')
+            ax.plot(steps, values, style, color='black', linewidth=1.5)
             for index, group in enumerate(groups):
                 if (metric, group) not in series:
                     continue
                 steps, values = series[(metric, group)]
-                ax.plot(steps, values, style, color=f'C{index}',
-                        linewidth=0.8, label=f'{metric} ({group})')
+                ax.plot(
+                    steps, values, style, color=f'C{index}', linewidth=0.8)
         if end is not None:
             ax.axvline(end, color='grey', linestyle=':', linewidth=1)
             ax.text(
                 end,
-                1.0,
-                ' burn-in ends',
+                0.97,
+                'burn-in ends ',
                 transform=ax.get_xaxis_transform(),
+                rotation=90,
+                ha='right',
                 va='top',
                 fontsize=7,
                 color='grey')
-        ax.set_title(name)
+        if len(metrics) > 1:
+            name += '\n' + ', '.join(f'{metric} ({word})' for (_, word),
+                                     metric in zip(styles, metrics))
+        else:
+            name += f'\n{metrics[0]}'
+        ax.set_title(name, fontsize=9)
         ax.set_ylabel(ylabel, fontsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
     for ax in axes[1]:
         ax.set_xlabel('iteration')
+    handles = [Line2D([], [], color='black', linewidth=1.5)] + [
+        Line2D([], [], color=f'C{index}', linewidth=0.8)
+        for index in range(len(groups))
+    ]
+    fig.legend(
+        handles, ['model'] + list(groups),
+        loc='lower center',
+        ncol=len(handles),
+        fontsize=8)
     counts = ', '.join(f'{int(series[(c, "")][1][-1])} {c}' for c in COUNTS
                        if (c, '') in series)
     heading = title or 'CBN health'
     fig.suptitle(f'{heading}\nlayers: {counts}' if counts else heading,
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
 
 
