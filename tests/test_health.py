@@ -42,7 +42,6 @@ from mmcbn.hooks.cbn_hook import log_key
 from sync_counter import SyncCounter
 from tiny_cbn import tiny_config
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 COUNTS = ('bound', 'frozen', 'unbound')
 #: Every model-wide key CBNHook logs.
 MODEL_KEYS = [f'cbn_{m}' for m in list(METRICS) + list(COUNTS)]
@@ -59,7 +58,10 @@ class WatchScalars(Hook):
         self.updates = {}  # iteration -> {key: value}
         self._sizes = {}
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
+    def after_train_iter(self,
+                         runner,
+                         batch_idx,
+                         data_batch=None,
                          outputs=None):
         changed = {}
         for key, buf in runner.message_hub.log_scalars.items():
@@ -76,7 +78,11 @@ class WatchScalars(Hook):
 _RUNS = itertools.count()
 
 
-def make_cfg(work_dir, log_interval, norm_cfg=None, hook=None, epochs=3,
+def make_cfg(work_dir,
+             log_interval,
+             norm_cfg=None,
+             hook=None,
+             epochs=3,
              model=None):
     cfg = tiny_config(work_dir, epochs, norm_cfg)
     # runners started within one second would otherwise share their
@@ -118,13 +124,10 @@ def test_scalars_reach_message_hub_text_log_and_json(tmp_path):
     epochs (iterations 0-5), window 3."""
     watch = WatchScalars()
     runner = run(
-        make_cfg(tmp_path, 3,
-                 hook=dict(type='CBNHook', health_by_group=True)), watch)
+        make_cfg(tmp_path, 3, hook=dict(type='CBNHook', health_by_group=True)),
+        watch)
     groups = ('conv1', 'conv2')  # conv1.bn, conv2.bn
-    keys = set(MODEL_KEYS) | {
-        f'cbn_{m}_{g}'
-        for m in METRICS for g in groups
-    }
+    keys = set(MODEL_KEYS) | {f'cbn_{m}_{g}' for m in METRICS for g in groups}
     # exactly the logged iterations, every key each time
     assert sorted(watch.updates) == [2, 6, 10]
     for values in watch.updates.values():
@@ -132,8 +135,7 @@ def test_scalars_reach_message_hub_text_log_and_json(tmp_path):
     burnin, first, last = (watch.updates[i] for i in (2, 6, 10))
     # in burn-in CBN is BatchNorm: no window entry, and every other metric
     # is 0 (the value for BatchNorm), so each log line has every key
-    assert all(burnin[k] == 0 for k in keys - {f'cbn_{c}'
-                                               for c in COUNTS})
+    assert all(burnin[k] == 0 for k in keys - {f'cbn_{c}' for c in COUNTS})
     for values in (first, last):
         # window 3: the entries of the 2 iterations before are used
         for g in ('', '_conv1', '_conv2'):
@@ -168,7 +170,10 @@ def test_scalars_reach_message_hub_text_log_and_json(tmp_path):
         logged = json_lines(path)
         assert [entry['step'] for entry in logged] == [3, 7, 11]
         for entry, it in zip(logged, (2, 6, 10)):
-            assert {k: entry[k] for k in keys} == pytest.approx(
+            assert {
+                k: entry[k]
+                for k in keys
+            } == pytest.approx(
                 watch.updates[it], abs=0)
 
 
@@ -216,11 +221,13 @@ def test_binding_counts_match_binding_report(tmp_path, mmlogs):
                'frozen' if entries[0].startswith('frozen') else 'bound')
         for name, entries in report.items()
     }
-    assert status == dict(
-        frozen_bn='frozen', bn='bound', unbound_bn='unbound')
+    assert status == dict(frozen_bn='frozen', bn='bound', unbound_bn='unbound')
     assert report['bn'] == ['conv']
     logged = watch.updates[max(watch.updates)]
-    assert {c: logged[f'cbn_{c}'] for c in COUNTS} == {
+    assert {
+        c: logged[f'cbn_{c}']
+        for c in COUNTS
+    } == {
         c: list(status.values()).count(c)
         for c in COUNTS
     }
@@ -237,8 +244,7 @@ def test_naive_cbn_has_no_compensation(tmp_path, compensate):
             tmp_path,
             2,
             norm_cfg=dict(
-                type='CBN', window=3, burnin=2, compensate=compensate)),
-        watch)
+                type='CBN', window=3, burnin=2, compensate=compensate)), watch)
     after = [v for it, v in watch.updates.items() if it >= 2]
     assert len(after) == 5
     for values in after:
@@ -325,16 +331,18 @@ def reference_terms(model, rec, name, t, lags, eps):
     c = mu_t.numel()
     terms = dict(
         window_fill=(lags / (model.n1.window - 1), 1),
-        repaired_frac=(sum(int((nu - mu.square() < 0).sum())
-                           for _, mu, nu in entries), lags * c),
-        comp_mean=(sum(float(((mu - raw[0]).abs() / spread.sqrt()).sum())
-                       for raw, mu, _ in entries), lags * c),
-        comp_nu=(sum(float(((nu - raw[1]).abs() / spread).sum())
-                     for raw, _, nu in entries), lags * c))
+        repaired_frac=(sum(
+            int((nu - mu.square() < 0).sum())
+            for _, mu, nu in entries), lags * c),
+        comp_mean=(sum(
+            float(((mu - raw[0]).abs() / spread.sqrt()).sum())
+            for raw, mu, _ in entries), lags * c),
+        comp_nu=(sum(
+            float(((nu - raw[1]).abs() / spread).sum())
+            for raw, _, nu in entries), lags * c))
     means = torch.stack([mu_t] + [mu for _, mu, _ in entries])
-    vars_ = torch.stack([var_t] +
-                        [(nu - mu.square()).clamp(min=0)
-                         for _, mu, nu in entries])
+    vars_ = torch.stack([var_t] + [(nu - mu.square()).clamp(min=0)
+                                   for _, mu, nu in entries])
     mean_bar = means.mean(0)
     var_bar = vars_.mean(0) + (means - mean_bar).square().mean(0)
     terms['batch_vs_window_mean'] = (float(
@@ -346,8 +354,8 @@ def reference_terms(model, rec, name, t, lags, eps):
 
 def pooled(*layer_terms):
     return {
-        m: sum(t[m][0] for t in layer_terms) /
-        sum(t[m][1] for t in layer_terms)
+        m: sum(t[m][0] for t in layer_terms) / sum(t[m][1]
+                                                   for t in layer_terms)
         for m in METRICS
     }
 
@@ -370,15 +378,15 @@ def train_and_monitor(model, iterations, lr, monitored, before=None):
         if t in monitored:
             set_cbn_monitor(model, True)
             expected_windows = {
-                name: window_statistics(model, getattr(model, name),
-                                        iteration=t)
+                name:
+                window_statistics(model, getattr(model, name), iteration=t)
                 for name in ('n1', 'n2') if t > 0
             }
         out = model(x)
         if t in monitored:
             set_cbn_monitor(model, False)
-            reads[t] = (read_cbn_health(model, by_group=True),
-                        expected_windows)
+            reads[t] = (read_cbn_health(model,
+                                        by_group=True), expected_windows)
         opt.zero_grad()
         (out.square().mean() + out.mean()).backward()
         opt.step()
@@ -413,11 +421,11 @@ def test_metrics_equal_an_independent_computation():
                 expected[metric], rel=1e-7, abs=1e-12), (t, metric)
         assert health['window_fill'] == pytest.approx(lags / (window - 1))
         assert health['comp_mean'] > 0 and health['batch_vs_window_var'] > 0
-        assert (health['bound'], health['frozen'],
-                health['unbound']) == (2, 0, 0)
+        assert (health['bound'], health['frozen'], health['unbound']) == (2, 0,
+                                                                          0)
     # the filling windows: 1 and 2 of 3 earlier entries, then full
-    assert [reads[t][0]['window_fill'] for t in (1, 2, 6)] == pytest.approx(
-        [1 / 3, 2 / 3, 1])
+    assert [reads[t][0]['window_fill']
+            for t in (1, 2, 6)] == pytest.approx([1 / 3, 2 / 3, 1])
 
 
 def test_repaired_frac_on_a_constructed_case():
@@ -459,8 +467,7 @@ class StemHeadNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential()
-        self.stem.add_module('conv', nn.Conv2d(3, 4, 3, padding=1,
-                                               bias=False))
+        self.stem.add_module('conv', nn.Conv2d(3, 4, 3, padding=1, bias=False))
         self.stem.add_module('bn', CBN2d(4, window=4))
         self.head = nn.Sequential()
         self.head.add_module('conv', nn.Conv2d(4, 4, 3, padding=1))
@@ -573,11 +580,12 @@ def _origin():
     while frame is not None:
         names.append((frame.f_code.co_filename, frame.f_code.co_name))
         frame = frame.f_back
-    in_hook = any(f.endswith(osp.join('hooks', 'cbn_hook.py')) and
-                  fn == 'after_train_iter' for f, fn in names)
-    in_read = any(f == root + 'health.py' and fn in ('read_cbn_health',
-                                                    'read_cbn_flags')
-                  for f, fn in names)
+    in_hook = any(
+        f.endswith(osp.join('hooks', 'cbn_hook.py'))
+        and fn == 'after_train_iter' for f, fn in names)
+    in_read = any(
+        f == root + 'health.py' and fn in ('read_cbn_health', 'read_cbn_flags')
+        for f, fn in names)
     if in_hook and in_read:
         return 'read'
     if any(f.startswith(root) for f, _ in names):
@@ -641,8 +649,11 @@ def test_metrics_cost_nothing_between_log_intervals(tmp_path, monkeypatch):
     # the rest is mmengine's own (the loss value for the log, every
     # iteration): the same count as a BatchNorm run of the same model
     bn_syncs, _ = count_syncs(
-        make_cfg(tmp_path / 'bn', 3, norm_cfg=dict(type='BN'),
-                 hook=dict(type='CBNHook', health=False)), monkeypatch)
+        make_cfg(
+            tmp_path / 'bn',
+            3,
+            norm_cfg=dict(type='BN'),
+            hook=dict(type='CBNHook', health=False)), monkeypatch)
     for it in range(12):
         assert syncs[it].get('other', 0) == bn_syncs[it].get('other', 0)
         assert bn_syncs[it].get('other', 0) > 0  # the counter sees them
@@ -651,8 +662,11 @@ def test_metrics_cost_nothing_between_log_intervals(tmp_path, monkeypatch):
     # (CBNHook(interval=1) reads every iteration whatever the LoggerHook
     # does) makes the layers compute and the hook read every iteration
     forced, observed = count_syncs(
-        make_cfg(tmp_path / 'forced', 3, norm_cfg=norm,
-                 hook=dict(type='CBNHook', interval=1)), monkeypatch)
+        make_cfg(
+            tmp_path / 'forced',
+            3,
+            norm_cfg=norm,
+            hook=dict(type='CBNHook', interval=1)), monkeypatch)
     for it, ops in forced.items():
         assert observed[it] == 2 and ops.get('read', 0) > 0, (it, ops)
         assert ops.get('mmcbn', 0) == 0
@@ -675,8 +689,8 @@ def curve_columns(png):
     (blue), inside the axes: a curve over the run spans most of the width,
     the legend's sample line about 30 pixels."""
     img = mpimg.imread(png)[..., :3]
-    blue = (img[..., 2] - img[..., 0] > 0.15) & (img[..., 2] >
-                                                   img[..., 1] + 0.05)
+    blue = (img[..., 2] - img[..., 0] > 0.15) & (
+        img[..., 2] > img[..., 1] + 0.05)
     return int(blue.any(0).sum())
 
 
@@ -707,8 +721,7 @@ def test_mmdet_analyze_logs_plots_cbn_keys(tmp_path):
     _, json_log, _ = run_files(runner)
     keys = ('cbn_window_fill', 'cbn_comp_mean_conv2', 'loss')
     widths = {
-        key: plot_curve(json_log, key, str(tmp_path / f'{key}.png'),
-                        tmp_path)
+        key: plot_curve(json_log, key, str(tmp_path / f'{key}.png'), tmp_path)
         for key in keys
     }
     for key, width in widths.items():
@@ -719,19 +732,16 @@ def test_mmdet_analyze_logs_plots_cbn_keys(tmp_path):
     # would suggest), analyze_logs takes them for validation metrics and
     # drops the rest of each line, 'step' included: every curve of the
     # run comes out empty, the loss too. This is why the keys are cbn_*.
-    lines = json_lines(json_log)
+    def slash(key):
+        return 'cbn/' + key[4:] if key.startswith('cbn_') else key
+
     slashed = tmp_path / 'slashed.json'
     with open(slashed, 'w') as f:
-        for line in lines:
-            f.write(json.dumps({
-                (k.replace('cbn_', 'cbn/', 1) if k.startswith('cbn_') else
-                 k): v
-                for k, v in line.items()
-            }) + '\n')
+        for line in json_lines(json_log):
+            f.write(json.dumps({slash(k): v for k, v in line.items()}) + '\n')
     for key in ('window_fill', 'loss'):
         width = plot_curve(
-            str(slashed), key, str(tmp_path / f'slashed_{key}.png'),
-            tmp_path)
+            str(slashed), key, str(tmp_path / f'slashed_{key}.png'), tmp_path)
         assert width < 60, (key, width)  # the legend sample only
 
 

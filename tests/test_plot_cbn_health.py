@@ -19,8 +19,8 @@ GROUPS = ('backbone', 'head')
 
 def log_line(step, fill, scale, extra=()):
     """A train line as mmengine writes it, with CBNHook's keys."""
-    line = dict(lr=0.01, loss=1.0 / step, cbn_bound=3, cbn_frozen=1,
-                cbn_unbound=0)
+    line = dict(
+        lr=0.01, loss=1.0 / step, cbn_bound=3, cbn_frozen=1, cbn_unbound=0)
     for metric in METRICS:
         value = fill if metric == 'window_fill' else scale * step
         line[f'cbn_{metric}'] = value
@@ -40,7 +40,10 @@ def work_dir(tmp_path):
     lines = [
         log_line(10, 0.0, 0.0),
         log_line(20, 0.0, 0.0),
-        {'coco/bbox_mAP': 0.25, 'step': 2},  # validation: no cbn_ key
+        {
+            'coco/bbox_mAP': 0.25,
+            'step': 2
+        },  # validation: no cbn_ key
         log_line(30, 1.0, 0.01),
         log_line(40, 1.0, 0.01),
     ]
@@ -87,9 +90,9 @@ def test_load_and_plot(work_dir):
             ] == ['model', 'backbone', 'head']
     # model-wide line first, then one per group; two metrics in the
     # compensation and batch-vs-window panels
-    assert [len(ax.get_lines()) for ax in axes] == [
-        3 + 1, 3 + 1, 6 + 1, 6 + 1
-    ]  # + the burn-in marker
+    assert [len(ax.get_lines())
+            for ax in axes] == [3 + 1, 3 + 1, 6 + 1,
+                                6 + 1]  # + the burn-in marker
     steps, values = axes[2].get_lines()[0].get_data()
     assert list(steps) == [10, 20, 30, 40]
     assert list(values) == pytest.approx([0, 0, 0.3, 0.4])

@@ -129,8 +129,7 @@ def plot(series: Dict[Tuple[str, str], Series],
                 if (metric, group) not in series:
                     continue
                 steps, values = series[(metric, group)]
-                ax.plot(
-                    steps, values, style, color=f'C{index}', linewidth=0.8)
+                ax.plot(steps, values, style, color=f'C{index}', linewidth=0.8)
         if end is not None:
             ax.axvline(end, color='grey', linestyle=':', linewidth=1)
             ax.text(
@@ -144,8 +143,9 @@ def plot(series: Dict[Tuple[str, str], Series],
                 fontsize=7,
                 color='grey')
         if len(metrics) > 1:
-            name += '\n' + ', '.join(f'{metric} ({word})' for (_, word),
-                                     metric in zip(styles, metrics))
+            name += '\n' + ', '.join(
+                f'{metric} ({word})'
+                for (_, word), metric in zip(styles, metrics))
         else:
             name += f'\n{metrics[0]}'
         ax.set_title(name, fontsize=9)
@@ -165,8 +165,8 @@ def plot(series: Dict[Tuple[str, str], Series],
     counts = ', '.join(f'{int(series[(c, "")][1][-1])} {c}' for c in COUNTS
                        if (c, '') in series)
     heading = title or 'CBN health'
-    fig.suptitle(f'{heading}\nlayers: {counts}' if counts else heading,
-                 fontsize=10)
+    fig.suptitle(
+        f'{heading}\nlayers: {counts}' if counts else heading, fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
 
@@ -176,10 +176,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         description='Plot the CBN health metrics (cbn_*) of a run from '
         'its mmengine json log')
     parser.add_argument(
-        'log', help='a scalars.json / <timestamp>.json, or a work dir '
+        'log',
+        help='a scalars.json / <timestamp>.json, or a work dir '
         '(its newest vis_data/scalars.json)')
     parser.add_argument(
-        '--out', default='cbn_health.png', help='PNG to write '
+        '--out',
+        default='cbn_health.png',
+        help='PNG to write '
         '(default: %(default)s)')
     parser.add_argument('--title', help='figure title')
     return parser.parse_args(argv)
