@@ -183,8 +183,12 @@ def read_cbn_health(model: nn.Module,
         reset (bool): Reset the accumulators.
 
     Returns:
-        dict: Metric name -> value (metrics with no observation left out),
-        plus ``bound``, ``frozen``, ``unbound`` layer counts.
+        dict: Metric name -> value, plus ``bound``, ``frozen``,
+        ``unbound`` layer counts. Once a layer has been monitored, every
+        metric is given: a metric with no term since the last read (no
+        window entry was used: burn-in, an unbound layer, windows still
+        empty) is 0.0, its value for BatchNorm. So a log has the same keys
+        in every line, and a value is never left over from an earlier read.
     """
     layers = _layers(model)
     out: Dict[str, float] = {}
@@ -213,8 +217,8 @@ def read_cbn_health(model: nn.Module,
     for key, acc in totals.items():
         for metric in METRICS:
             value = _ratio(acc, metric)
-            if value is not None:
-                out[metric if key == 'model' else f'{metric}/{key}'] = value
+            out[metric if key == 'model' else f'{metric}/{key}'] = \
+                0.0 if value is None else value
     return out
 
 

@@ -139,7 +139,8 @@ optim_wrapper = dict(
     clip_grad=dict(max_norm=10, norm_type=2))
 
 # --------------------------------------------------------------- runtime
-custom_hooks = [dict(type='CBNHook')]
+# health metrics per layer group too (cbn_<metric>_backbone/neck/head)
+custom_hooks = [dict(type='CBNHook', health_by_group=True)]
 default_hooks = dict(
     logger=dict(interval=10),
     checkpoint=dict(interval=max_epochs, max_keep_ckpts=1, save_last=True))

@@ -23,6 +23,19 @@ DATA_BATCH = Optional[Sequence[dict]]
 CKPT_KEY = 'cbn_windows'
 
 
+def log_key(name: str) -> str:
+    """The logged name of a :func:`mmcbn.read_cbn_health` value:
+    ``cbn_<metric>``, ``cbn_<metric>_<group>``.
+
+    No ``/`` in it: mmdet's ``tools/analysis_tools/analyze_logs.py`` takes
+    a key with ``/`` for a validation metric and drops the rest of that
+    line (``step``, ``epoch``), which would leave every curve of the run,
+    the loss included, empty; and it keys a value by the part after the
+    last ``/``, so per-group values of different metrics would mix.
+    """
+    return 'cbn_' + name.replace('/', '_')
+
+
 def _check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f'CBNHook {name} must be True or False, got '
@@ -55,9 +68,10 @@ class CBNHook(Hook):
     - In the iterations the ``LoggerHook`` logs, the layers compute health
       metrics on the device; the hook reads them (one host synchronization
       per log interval, none in between) into the message hub as
-      ``train/cbn/<metric>`` scalars, which the text log, ``scalars.json``
-      and every visualizer backend receive. It also reads the layers'
-      event counters then and logs their warnings once.
+      ``train/cbn_<metric>`` scalars, which the text log, the json log,
+      ``scalars.json`` and every visualizer backend receive. The values
+      are those of the logged iteration. It also reads the layers' event
+      counters then, and logs each warning once per run.
     - It puts the window state of every layer beside the model's state
       dict in each checkpoint (``checkpoint['cbn_windows']``) and restores
       it on ``--resume``: a resumed run continues exactly. ``load_from``
@@ -71,11 +85,13 @@ class CBNHook(Hook):
             training iteration. Defaults to True.
         health (bool): Compute and log the health metrics. Defaults to True.
         health_by_group (bool): Also log each metric per layer group
-            (backbone, neck, head), as ``cbn/<metric>/<group>``. Defaults
-            to False.
-        interval (int, optional): Log interval in iterations when the
-            runner has no ``LoggerHook``; otherwise the ``LoggerHook``'s
-            schedule is followed. Defaults to None (50).
+            (backbone, neck, head, by module path), as
+            ``cbn_<metric>_<group>``. Defaults to False.
+        interval (int, optional): Read the metrics every ``interval``
+            iterations instead of in the iterations the ``LoggerHook``
+            logs (the text and json logs show the latest value read).
+            Defaults to None: the ``LoggerHook``'s schedule, or every 50
+            iterations without a ``LoggerHook``.
         save_window (bool): Save the window state in checkpoints. False
             keeps checkpoints as small as BN's; a resume then refills the
             windows within ``window - 1`` iterations. Defaults to True.
@@ -233,7 +249,8 @@ class CBNHook(Hook):
             read_cbn_flags(model)
             metrics = read_cbn_health(model, by_group=self.health_by_group)
             for name, value in metrics.items():
-                runner.message_hub.update_scalar(f'train/cbn/{name}', value)
+                runner.message_hub.update_scalar(f'train/{log_key(name)}',
+                                                 value)
             health_warnings(model)
         ckpt_hook = self._find_hook(runner, 'CheckpointHook')
         if ckpt_hook is not None and not ckpt_hook.by_epoch and (
