@@ -21,8 +21,7 @@ from torch import nn
 
 from mmcbn import CBN2d, set_cbn_iteration
 from reference_cbn import ReferenceCBN
-from test_window_rules import (EPS, assert_uses, batch_of, expected_statistics,
-                               used_statistics)
+from test_window_rules import EPS, assert_uses, batch_of, used_statistics
 
 
 def identity_conv():
