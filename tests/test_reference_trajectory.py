@@ -303,11 +303,15 @@ def test_batchnorm_options_match_reference(kind, options):
         assert ours.n2.weight is None and ours.n2.bias is None
 
 
-@pytest.mark.parametrize('kind', ['conv_groups', 'conv_bias', 'linear'])
-def test_chunked_row_dot_matches_reference(kind, monkeypatch):
+@pytest.mark.parametrize('kind,chunk', [('conv_groups', 16),
+                                        ('conv_bias', 16), ('linear', 16),
+                                        ('conv_bias', 300),
+                                        ('conv_dilation', 300)])
+def test_chunked_row_dot_matches_reference(kind, chunk, monkeypatch):
     """The compensation's row-wise dot product in chunks of output channels
-    (the path large layers take), forced with a tiny chunk size."""
-    monkeypatch.setattr(mmcbn.window, '_CHUNK_ELEMENTS', 16)
+    (the path large layers take), forced with a tiny chunk size: one row
+    per chunk (16 elements), or several rows in uneven chunks (300)."""
+    monkeypatch.setattr(mmcbn.window, '_CHUNK_ELEMENTS', chunk)
     chunked_sums = []
     real_sum = torch.sum
 
