@@ -175,7 +175,7 @@ def train(model, kind, lr=0.05):
 
 
 def assert_same_trajectory(ours, ref, out_ours, out_ref):
-    assert len(out_ours) == len(out_ref) == STEPS
+    assert len(out_ours) == len(out_ref) > 0
     for step, (a, b) in enumerate(zip(out_ours, out_ref)):
         torch.testing.assert_close(
             a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f'step {step}: {m}')
