@@ -12,6 +12,7 @@ producing layer's parameters since it was recorded.
 """
 import logging
 import math
+import sys
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -181,6 +182,9 @@ class _CrossIterationBatchNorm:
         self.bindings: List[Optional[BindingInfo]] = []
         self._warned: set = set()
         self._last_call: Optional[tuple] = None
+        #: Backward passes seen through this layer's producers (counted
+        #: only while no iteration is given, for the shared-call check).
+        self._backwards = 0
         #: Device-side event counters and health accumulators (health.py).
         self._flags: Optional[Tensor] = None
         self._health: Optional[Tensor] = None
@@ -411,10 +415,11 @@ class _CrossIterationBatchNorm:
         self._adopt_after_copy(position, binding)
         self.bindings[position] = binding.info()
         if binding.status == 'unbound':
-            self._warn_once(
-                'unbound', f'{self._name()} found no producing conv/linear '
-                f'layer: {binding.reason}. It falls back to BatchNorm '
-                '(window 1).')
+            if 'unbound' not in self._warned:
+                self._warn_once(
+                    'unbound', f'{self._caller_name()} found no producing '
+                    f'conv/linear layer: {binding.reason}. It falls back to '
+                    'BatchNorm (window 1).')
             self._windows[position].reset()
         elif not self._external_iteration:
             self._check_calls_share_iteration(binding)
@@ -443,26 +448,52 @@ class _CrossIterationBatchNorm:
         given: they belong to one iteration (a head shared over FPN levels)
         but are counted as two, so the levels share one window.
 
-        Reads only host-side version counters: no synchronization.
+        The same state: the producer weight's version counter is unchanged
+        (no optimizer step) and no backward pass has run through the
+        previous call's producer (a backward separates iterations and the
+        micro-batches of gradient accumulation, also when the step is
+        skipped, as mixed precision does, or the optimizer leaves the
+        weights alone). Host-side counters only: no synchronization.
         """
         prod = binding.producer
         param = None if prod is None else prod.weight_param
         if param is None or binding.status != 'bound':
             self._last_call = None
             return
-        grad = param.grad
-        signature = (id(param), param._version, None if grad is None else
-                     (id(grad), grad._version))
-        if signature == self._last_call:
+        signature = (id(param), param._version, self._backwards)
+        if signature == self._last_call and \
+                'shared-calls' not in self._warned:
             self._warn_once(
-                'shared-calls', f'{self._name()} was called twice with its '
-                'producer weights unchanged and no iteration given, so '
-                'every call counts as an iteration. If the calls belong to '
-                'one iteration (a head shared over FPN levels) they share '
-                "one window. Add dict(type='CBNHook') to custom_hooks, or "
-                'call mmcbn.set_cbn_iteration(model, iteration) before each '
-                'training iteration.')
+                'shared-calls', f'{self._caller_name()} was called twice '
+                'with its producer weights unchanged and no iteration '
+                'given, so every call counts as an iteration. If the calls '
+                'belong to one iteration (a head shared over FPN levels) '
+                "they share one window. Add dict(type='CBNHook') to "
+                'custom_hooks, or call mmcbn.set_cbn_iteration(model, '
+                'iteration) before each training iteration.')
         self._last_call = signature
+        prod.node.register_prehook(self._count_backward)
+
+    def _count_backward(self, grad_outputs) -> None:
+        """Autograd pre-hook on a producer node: a backward passed."""
+        self._backwards += 1
+
+    def _caller_name(self) -> str:
+        """The layer's name for a warning from its forward: the one
+        CBNHook or :func:`mmcbn.name_cbn_layers` gave, else its path in the
+        outermost module on the call stack (a model trained without the
+        hook), else :meth:`_name`. Walks the stack: for messages only."""
+        if self.cbn_name:
+            return self.cbn_name
+        found = None
+        frame = sys._getframe(1)
+        while frame is not None:
+            owner = frame.f_locals.get('self')
+            if isinstance(owner, nn.Module) and owner is not self:
+                found = next((name for name, module in owner.named_modules()
+                              if module is self), found)
+            frame = frame.f_back
+        return found or self._name()
 
     def _flag(self, index: int, value: Tensor) -> None:
         """Count an event on the device (read by :func:`read_cbn_flags`)."""

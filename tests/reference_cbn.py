@@ -1,30 +1,170 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
-"""A slow, independent CBN written straight from the paper, for tests only.
+"""A slow, independent CBN written straight from the method note, for tests.
 
 It shares no code with :mod:`mmcbn`: the producer is given explicitly, past
 statistics are recomputed from stored producer inputs and parameter
 snapshots, the Taylor terms come from ``torch.func.jvp`` (forward-mode
 autograd) at the recorded parameters instead of closed forms, and the
 normalization is written with plain autograd ops in the ``nu - mu^2`` form of
-the method document.
+the method note (``shared/docs/cbn-method.md``).
+
+The rules that decide *which* statistics enter are taken from the note, each
+in one small function below, so that tests can pin them with explicit
+iteration numbers:
+
+- :func:`window_at` ("Burn-in"): window 1 at iterations ``0 .. burnin - 1``,
+  the full window from ``burnin`` on;
+- :func:`window_lags` ("Window average and validity"): the window counts the
+  current iteration, so ``window=k`` uses the lags ``1 .. k - 1``;
+- :func:`pooled_count` ("Running statistics and inference"): running
+  statistics follow the current batch by default (BatchNorm's unbiased
+  variance over its ``m`` values); with ``running_stats_from='window'``
+  they follow the window statistics, whose unbiased variance is over all
+  the values pooled in the window (the sum of the entries' counts).
+
+The helpers (:func:`moments`, :func:`compensated_moments`,
+:func:`window_average`, :func:`normalize`) are public so that tests can
+build the reference statistics of recorded runs (runner tests) with the same
+definitions.
 """
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+#: ``(params, input) -> producer output``.
+ApplyFn = Callable[[Dict[str, Tensor], Tensor], Tensor]
 
-def _moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+
+# --------------------------------------------------------------- the rules
+def window_at(iteration: int, window: int, burnin: int) -> int:
+    """Note, "Burn-in": ``k = 1`` for the first ``burnin`` iterations
+    (0-based iterations ``0 .. burnin - 1``) and the full window after."""
+    return 1 if iteration < burnin else window
+
+
+def window_lags(k: int) -> range:
+    """Note, "Window average and validity": the window ``k`` counts the
+    current iteration (``window=8`` uses the current one and the 7 before
+    it), so the earlier entries are the lags ``1 .. k - 1``."""
+    return range(1, k)
+
+
+def pooled_count(counts: Sequence[int], running_stats_from: str) -> int:
+    """The number of values the unbiased running variance is taken over.
+
+    ``counts`` are the sample counts of the entries that were averaged,
+    the current batch first. Note, "Running statistics and inference":
+    by default the running statistics are BatchNorm's, from the current
+    batch (its ``m`` values); for ``'window'`` they are the window
+    statistics, over every value the window pooled.
+    """
+    if running_stats_from == 'window':
+        return int(sum(counts))
+    return int(counts[0])
+
+
+# ------------------------------------------------------------- the algebra
+def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and second moment ``(mu, nu)`` (channel dim 1)."""
     dims = [d for d in range(x.dim()) if d != 1]
     return x.mean(dims), (x * x).mean(dims)
 
 
+def count_of(x: Tensor) -> int:
+    """Values per channel."""
+    return x.numel() // x.shape[1]
+
+
+def module_apply(module: nn.Module) -> ApplyFn:
+    """Run ``module`` with the given parameters (the others as they are)."""
+    return lambda params, inp: functional_call(module, params, (inp, ))
+
+
+def compensated_moments(apply: ApplyFn, inp: Tensor,
+                        params_then: Dict[str, Tensor],
+                        params_now: Dict[str, Tensor],
+                        compensate: bool = True) -> Tuple[Tensor, Tensor]:
+    """Note, "Compensation": the first-order estimate of ``(mu, nu)`` of the
+    producer output for ``inp`` (recorded under ``params_then``) at
+    ``params_now``; the gradients come from forward-mode autograd (jvp).
+
+    With ``compensate=False`` or no trainable parameter (a frozen
+    producer) the recorded statistics are returned as they are.
+    """
+
+    def stats(params):
+        return moments(apply(params, inp))
+
+    if not params_then or not compensate:
+        return stats(params_then)
+    delta = {n: params_now[n] - params_then[n] for n in params_then}
+    (mu, nu), (dmu, dnu) = jvp(stats, (params_then, ), (delta, ))
+    return mu + dmu, nu + dnu
+
+
+def window_average(mus: Sequence[Tensor],
+                   nus: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Note, "Window average and validity"::
+
+        mu_bar = mean mu,  nu_bar = mean max(nu, mu^2),
+        var = max(nu_bar - mu_bar^2, 0)
+    """
+    mu_bar = torch.stack(list(mus)).mean(0)
+    nu_bar = torch.stack([torch.maximum(n, m * m)
+                          for m, n in zip(mus, nus)]).mean(0)
+    return mu_bar, torch.clamp(nu_bar - mu_bar * mu_bar, min=0)
+
+
+def normalize(x: Tensor, mean: Tensor, var: Tensor, eps: float,
+              weight: Optional[Tensor] = None,
+              bias: Optional[Tensor] = None) -> Tensor:
+    """``gamma (x - mean) / sqrt(var + eps) + beta`` (biased variance, eps
+    inside the square root, as BatchNorm)."""
+    shape = (1, -1) + (1, ) * (x.dim() - 2)
+    y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
+def _finite(*tensors: Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 class ReferenceCBN(nn.Module):
-    """CBN of the method document, bound to ``producer`` explicitly.
+    """CBN of the method note, bound to ``producer`` explicitly.
 
     Call as ``ref(producer_input)``: it runs the producer itself, so it can
     record the producer's input and parameters.
+
+    Without :meth:`start_iteration` each training call is one iteration;
+    after it, calls until the next :meth:`start_iteration` are the call
+    positions of one iteration, each with its own window (note,
+    "Iterations").
+
+    Non-finite values (mmcbn's documented conventions, not the paper's): a
+    current batch with a non-finite statistic is not recorded and does not
+    update the running statistics; an earlier entry whose compensated
+    statistics are not finite is left out of the average.
+
+    Args:
+        producer (nn.Module): The conv/linear layer before the norm.
+        num_features (int): Channels.
+        window (int): ``k``.
+        burnin (int): Iterations with ``k = 1``.
+        eps, momentum, affine, track_running_stats: as ``nn.BatchNorm2d``
+            (``momentum=None``: cumulative average).
+        compensate (bool): False is naive CBN.
+        running_stats_from (str): ``'batch'`` or ``'window'``.
+        effective_params (callable, optional): ``producer -> dict`` of the
+            tensors the producer's output is linear in (e.g. a computed
+            weight), with ``apply``; defaults to its trainable parameters.
+        apply (callable, optional): ``(params, input) -> output`` for
+            ``effective_params``.
     """
 
     def __init__(self,
@@ -33,77 +173,115 @@ class ReferenceCBN(nn.Module):
                  window: int,
                  burnin: int = 0,
                  eps: float = 1e-5,
-                 momentum: float = 0.1,
+                 momentum: Optional[float] = 0.1,
                  compensate: bool = True,
-                 running_stats_from: str = 'batch'):
+                 running_stats_from: str = 'batch',
+                 affine: bool = True,
+                 track_running_stats: bool = True,
+                 effective_params: Optional[Callable] = None,
+                 apply: Optional[ApplyFn] = None):
         super().__init__()
         self.running_stats_from = running_stats_from
         self.producer = producer
         self.window, self.burnin, self.eps = window, burnin, eps
         self.momentum, self.compensate = momentum, compensate
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer('running_mean', torch.zeros(num_features))
-        self.register_buffer('running_var', torch.ones(num_features))
+        self.track_running_stats = track_running_stats
+        self._effective = effective_params
+        self._apply_fn = apply if apply is not None else module_apply(producer)
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.weight = self.bias = None
+        if track_running_stats:
+            self.register_buffer('running_mean', torch.zeros(num_features))
+            self.register_buffer('running_var', torch.ones(num_features))
+            self.register_buffer('num_batches_tracked',
+                                 torch.tensor(0, dtype=torch.long))
+        else:
+            self.running_mean = self.running_var = None
+            self.num_batches_tracked = None
         self.iteration = -1
-        self.history: List[Tuple[int, Tensor, Dict[str, Tensor]]] = []
+        self._external = False
+        self._position = 0
+        #: call position -> [(iteration, producer input, params, count)]
+        self.history: Dict[int, List[Tuple[int, Tensor, Dict[str, Tensor],
+                                           int]]] = {}
 
-    def _trainable(self) -> Dict[str, Tensor]:
+    def start_iteration(self, iteration: int) -> None:
+        self.iteration = iteration
+        self._external = True
+        self._position = 0
+
+    def reset(self) -> None:
+        """Forget every recorded entry."""
+        self.history = {}
+
+    def params_now(self) -> Dict[str, Tensor]:
+        """The producer's current (effective) trainable parameters."""
+        if self._effective is not None:
+            return {
+                n: p.detach().clone()
+                for n, p in self._effective(self.producer).items()
+            }
         return {
             n: p.detach().clone()
             for n, p in self.producer.named_parameters() if p.requires_grad
         }
 
-    def _stats_at(self, inp: Tensor, params_then: Dict[str, Tensor],
-                  params_now: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
-        """First-order estimate of (mu, nu) of ``inp`` under params_now."""
-
-        def stats(params):
-            return _moments(functional_call(self.producer, params, (inp, )))
-
-        if not params_then or not self.compensate:
-            return stats(params_then)
-        delta = {n: params_now[n] - params_then[n] for n in params_then}
-        (mu, nu), (dmu, dnu) = jvp(stats, (params_then, ), (delta, ))
-        return mu + dmu, nu + dnu
-
     def forward(self, inp: Tensor) -> Tensor:
         x = self.producer(inp)
         if not self.training:
-            shape = (1, -1) + (1, ) * (x.dim() - 2)
-            return (x - self.running_mean.view(shape)) / torch.sqrt(
-                self.running_var.view(shape) + self.eps) * self.weight.view(
-                    shape) + self.bias.view(shape)
-        self.iteration += 1
+            if self.track_running_stats:
+                return normalize(x, self.running_mean, self.running_var,
+                                 self.eps, self.weight, self.bias)
+            mu, nu = moments(x)
+            return normalize(x, mu, nu - mu * mu, self.eps, self.weight,
+                             self.bias)
+        if self._external:
+            position = self._position
+            self._position += 1
+        else:
+            self.iteration += 1
+            position = 0
         t = self.iteration
-        k = 1 if t < self.burnin else self.window
-        mu_t, nu_t = _moments(x)
-        mus, nus = [mu_t], [torch.maximum(nu_t, mu_t * mu_t)]
-        now = self._trainable()
+        k = window_at(t, self.window, self.burnin)
+        lags = set(window_lags(k))
+        mu_t, nu_t = moments(x)
+        mus, nus, counts = [mu_t], [nu_t], [count_of(x)]
+        now = self.params_now()
+        history = self.history.setdefault(position, [])
         with torch.no_grad():
-            for s, old_inp, then in self.history:
-                if 1 <= t - s <= k - 1:
-                    mu, nu = self._stats_at(old_inp, then, now)
-                    mus.append(mu)
-                    nus.append(torch.maximum(nu, mu * mu))
-        mu_bar = torch.stack(mus).mean(0)
-        nu_bar = torch.stack(nus).mean(0)
-        var = torch.clamp(nu_bar - mu_bar * mu_bar, min=0)
-        shape = (1, -1) + (1, ) * (x.dim() - 2)
-        y = (x - mu_bar.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
-        y = y * self.weight.view(shape) + self.bias.view(shape)
-        with torch.no_grad():
-            if self.running_stats_from == 'window':
-                # the statistics normalized with, over len(mus) batches
-                m = len(mus) * (x.numel() // x.shape[1])
-                new_mean, new_var = mu_bar, var * m / (m - 1)
-            else:
-                m = x.numel() // x.shape[1]
-                new_mean, new_var = mu_t, (nu_t - mu_t * mu_t) * m / (m - 1)
-            self.running_mean.mul_(1 - self.momentum).add_(
-                self.momentum * new_mean)
-            self.running_var.mul_(1 - self.momentum).add_(self.momentum *
-                                                          new_var)
-        self.history.append((t, inp.detach().clone(), now))
-        self.history = self.history[-max(self.window, 1):]
+            for s, old_inp, then, count in history:
+                if t - s in lags:
+                    mu, nu = compensated_moments(self._apply_fn, old_inp, then,
+                                                 now, self.compensate)
+                    if _finite(mu, nu):
+                        mus.append(mu)
+                        nus.append(nu)
+                        counts.append(count)
+        mu_bar, var = window_average(mus, nus)
+        y = normalize(x, mu_bar, var, self.eps, self.weight, self.bias)
+        current_ok = _finite(mu_t.detach(), nu_t.detach())
+        if self.track_running_stats and current_ok:
+            self._update_running(mu_t.detach(), nu_t.detach(),
+                                 mu_bar.detach(), var.detach(), counts)
+        if current_ok:
+            history[:] = [e for e in history if e[0] != t and
+                          t - e[0] < self.window] + [
+                              (t, inp.detach().clone(), now, count_of(x))]
         return y
+
+    @torch.no_grad()
+    def _update_running(self, mu_t, nu_t, mu_bar, var_bar, counts):
+        n = pooled_count(counts, self.running_stats_from)
+        if self.running_stats_from == 'window':
+            new_mean, new_var = mu_bar, var_bar
+        else:
+            new_mean, new_var = mu_t, nu_t - mu_t * mu_t
+        new_var = new_var * n / (n - 1) if n > 1 else new_var
+        self.num_batches_tracked += 1
+        factor = 1.0 / float(self.num_batches_tracked) \
+            if self.momentum is None else self.momentum
+        self.running_mean.mul_(1 - factor).add_(factor * new_mean)
+        self.running_var.mul_(1 - factor).add_(factor * new_var)

@@ -5,16 +5,21 @@ Two producer+CBN blocks are trained with SGD (momentum, a realistic learning
 rate) in float64: once with mmcbn's CBN, once with the reference of
 ``reference_cbn.py`` (jvp-based compensation). Outputs at every step, the
 weight trajectories and the running statistics must agree to float64
-tolerance for every producer kind and window.
+tolerance for every producer kind and window, and for the BatchNorm options
+(``affine``, ``momentum=None``, ``track_running_stats``), 1d/3d producers, a
+computed weight (weight standardization), the chunked row-dot path and the
+1x1 stride-2 shortcut conv.
 """
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from mmcv.cnn.bricks.conv_ws import ConvWS2d
 from torch import nn
 
-from mmcbn import CBN1d, CBN2d
+import mmcbn.window
+from mmcbn import CBN1d, CBN2d, CBN3d
 from reference_cbn import ReferenceCBN
 
 STEPS = 20
@@ -35,6 +40,64 @@ PRODUCERS = {
                                          bias=False)),
     'linear': lambda: (nn.Linear(7, 6), nn.Linear(6, 5, bias=False)),
 }
+
+#: Producers outside the kinds above (each with its norm and input shape).
+EXTRA_PRODUCERS = {
+    # ResNet's downsample shortcut: a 1x1 conv with stride 2 and no bias,
+    # on even and odd feature sizes (odd: the last row/column is read)
+    'shortcut_1x1_s2': lambda: (nn.Conv2d(3, 6, 3, padding=1),
+                                nn.Conv2d(6, 5, 1, stride=2, bias=False)),
+    'shortcut_1x1_s2_odd': lambda: (nn.Conv2d(3, 6, 3, padding=1),
+                                    nn.Conv2d(6, 5, 1, stride=2,
+                                              bias=False)),
+    'conv1d': lambda: (nn.Conv1d(3, 6, 3, padding=1),
+                       nn.Conv1d(6, 5, 3, stride=2, padding=1,
+                                 bias=False)),
+    'conv3d': lambda: (nn.Conv3d(3, 6, 3, padding=1),
+                       nn.Conv3d(6, 5, (1, 3, 3), stride=(1, 2, 2),
+                                 padding=(0, 1, 1))),
+    # a computed (effective) weight: mmcv's weight standardization
+    'conv_ws': lambda: (ConvWS2d(3, 6, 3, padding=1),
+                        ConvWS2d(6, 5, 3, padding=1, bias=False)),
+}
+ALL_PRODUCERS = dict(PRODUCERS, **EXTRA_PRODUCERS)
+
+SHAPES = {
+    'linear': (4, 7),
+    'conv1d': (2, 3, 16),
+    'conv3d': (2, 3, 3, 6, 6),
+    'shortcut_1x1_s2_odd': (2, 3, 7, 7),
+}
+NORMS = {'linear': CBN1d, 'conv1d': CBN1d, 'conv3d': CBN3d}
+
+
+def standardized(module):
+    """Weight standardization as mmcv's ConvWS2d defines it: per output
+    channel, minus the mean, over the unbiased std plus eps."""
+    w = module.weight
+    flat = w.reshape(w.shape[0], -1)
+    shape = (-1, ) + (1, ) * (w.dim() - 1)
+    mean = flat.mean(1).view(shape)
+    std = flat.std(1).view(shape)
+    return (w - mean) / (std + module.eps)
+
+
+def ws_reference_args(module):
+    """How the reference sees a ConvWS producer: its output is linear in
+    the standardized weight (the weight the convolution multiplies)."""
+
+    def effective(m):
+        params = dict(weight=standardized(m))
+        if m.bias is not None:
+            params['bias'] = m.bias
+        return params
+
+    def apply(params, inp):
+        return F.conv2d(inp, params['weight'], params.get('bias'),
+                        module.stride, module.padding, module.dilation,
+                        module.groups)
+
+    return dict(effective_params=effective, apply=apply)
 
 
 class Net(nn.Module):
@@ -57,30 +120,34 @@ class RefNet(nn.Module):
         return self.r2(F.relu(self.r1(x)))
 
 
+def _channels(producer):
+    return getattr(producer, 'out_features', None) or producer.out_channels
+
+
 def build_pair(kind, window, burnin=0, compensate=True,
-               running_stats_from='batch'):
+               running_stats_from='batch', **bn_options):
+    """mmcbn and reference models with identical initial parameters;
+    ``bn_options``: ``affine``, ``momentum``, ``track_running_stats``."""
     torch.manual_seed(0)
-    p1, p2 = PRODUCERS[kind]()
-    norm = CBN1d if kind == 'linear' else CBN2d
+    p1, p2 = ALL_PRODUCERS[kind]()
+    norm = NORMS.get(kind, CBN2d)
     kw = dict(window=window, burnin=burnin, compensate=compensate,
-              running_stats_from=running_stats_from)
-    ours = Net(p1, norm(p1.out_features if kind == 'linear' else
-                        p1.out_channels, **kw), p2,
-               norm(p2.out_features if kind == 'linear' else
-                    p2.out_channels, **kw)).double()
+              running_stats_from=running_stats_from, **bn_options)
+    ours = Net(p1, norm(_channels(p1), **kw), p2, norm(_channels(p2),
+                                                       **kw)).double()
     ref_p1, ref_p2 = copy.deepcopy(ours.p1), copy.deepcopy(ours.p2)
-    kw.pop('compensate')
+    extra = [ws_reference_args(p) if kind == 'conv_ws' else {}
+             for p in (ref_p1, ref_p2)]
     ref = RefNet(
-        ReferenceCBN(ref_p1, ours.n1.num_features, compensate=compensate,
-                     **kw),
-        ReferenceCBN(ref_p2, ours.n2.num_features, compensate=compensate,
-                     **kw)).double()
+        ReferenceCBN(ref_p1, ours.n1.num_features, **kw, **extra[0]),
+        ReferenceCBN(ref_p2, ours.n2.num_features, **kw,
+                     **extra[1])).double()
     return ours, ref
 
 
 def batches(kind, steps=STEPS):
     gen = torch.Generator().manual_seed(1)
-    shape = (4, 7) if kind == 'linear' else (2, 3, 8, 8)
+    shape = SHAPES.get(kind, (2, 3, 8, 8))
     for step in range(steps):
         # a drifting input distribution, as features drift during training
         x = torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -108,6 +175,7 @@ def train(model, kind, lr=0.05):
 
 
 def assert_same_trajectory(ours, ref, out_ours, out_ref):
+    assert len(out_ours) == len(out_ref) > 0
     for step, (a, b) in enumerate(zip(out_ours, out_ref)):
         torch.testing.assert_close(
             a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f'step {step}: {m}')
@@ -116,10 +184,13 @@ def assert_same_trajectory(ours, ref, out_ours, out_ref):
         for (name, p), q in zip(mine.named_parameters(), theirs.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
     for mine, theirs in ((ours.n1, ref.r1), (ours.n2, ref.r2)):
-        for name in ('weight', 'bias', 'running_mean', 'running_var'):
-            torch.testing.assert_close(
-                getattr(mine, name), getattr(theirs, name), rtol=1e-9,
-                atol=1e-9)
+        for name in ('weight', 'bias', 'running_mean', 'running_var',
+                     'num_batches_tracked'):
+            a, b = getattr(mine, name), getattr(theirs, name)
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9,
+                                           msg=lambda m: f'{name}: {m}')
 
 
 @pytest.mark.parametrize('kind', sorted(PRODUCERS))
@@ -182,3 +253,76 @@ def test_frozen_producer_uses_exact_window():
     for a, b in zip(out_comp, out_ours):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     assert len(comp.n2._windows[0]) == 3
+
+
+# ------------------------------------------ options outside the first kinds
+@pytest.mark.parametrize('kind', sorted(EXTRA_PRODUCERS))
+@pytest.mark.parametrize('window', [1, 4])
+def test_more_producers_match_reference(kind, window):
+    """Conv1d/Conv3d producers, the 1x1 stride-2 shortcut (even and odd
+    sizes) and a computed weight (weight standardization)."""
+    ours, ref = build_pair(kind, window)
+    assert_same_trajectory(ours, ref, train(ours, kind), train(ref, kind))
+    if window > 1:
+        assert [b.status for b in ours.n1.bindings + ours.n2.bindings] == [
+            'bound', 'bound']
+        naive, _ = build_pair(kind, window, compensate=False)
+        # the compensation matters on this trajectory (the test can fail)
+        diff = max((a - b).abs().max() for a, b in zip(
+            train(build_pair(kind, window)[0], kind), train(naive, kind)))
+        assert diff > 1e-4
+
+
+OPTIONS = [
+    dict(affine=False),
+    dict(momentum=None),
+    dict(momentum=None, running_stats_from='window', burnin=3),
+    dict(track_running_stats=False),
+    dict(affine=False, track_running_stats=False, burnin=3),
+]
+
+
+@pytest.mark.parametrize('kind', ['conv_groups', 'linear'])
+@pytest.mark.parametrize('options', OPTIONS,
+                         ids=['-'.join(f'{k}={v}' for k, v in o.items())
+                              for o in OPTIONS])
+def test_batchnorm_options_match_reference(kind, options):
+    options = dict(options)
+    burnin = options.pop('burnin', 0)
+    ours, ref = build_pair(kind, window=4, burnin=burnin, **options)
+    assert_same_trajectory(ours, ref, train(ours, kind), train(ref, kind))
+    # and in eval mode (running statistics, or batch statistics without)
+    ours.eval(), ref.eval()
+    x = next(batches(kind, 1))[0] * 1.5 + 0.3
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-9, atol=1e-9)
+    if options.get('track_running_stats', True):
+        assert int(ours.n2.num_batches_tracked) == STEPS
+    else:
+        assert ours.n2.running_mean is None
+    if options.get('affine', True) is False:
+        assert ours.n2.weight is None and ours.n2.bias is None
+
+
+@pytest.mark.parametrize('kind,chunk', [('conv_groups', 16),
+                                        ('conv_bias', 16), ('linear', 16),
+                                        ('conv_bias', 300),
+                                        ('conv_dilation', 300)])
+def test_chunked_row_dot_matches_reference(kind, chunk, monkeypatch):
+    """The compensation's row-wise dot product in chunks of output channels
+    (the path large layers take), forced with a tiny chunk size: one row
+    per chunk (16 elements), or several rows in uneven chunks (300)."""
+    monkeypatch.setattr(mmcbn.window, '_CHUNK_ELEMENTS', chunk)
+    chunked_sums = []
+    real_sum = torch.sum
+
+    def counting_sum(*args, **kwargs):
+        if 'out' in kwargs:
+            chunked_sums.append(1)
+        return real_sum(*args, **kwargs)
+
+    monkeypatch.setattr(torch, 'sum', counting_sum)
+    ours, ref = build_pair(kind, window=4)
+    out_ours = train(ours, kind)
+    assert chunked_sums, 'the chunked path did not run'
+    monkeypatch.setattr(torch, 'sum', real_sum)
+    assert_same_trajectory(ours, ref, out_ours, train(ref, kind))
