@@ -45,12 +45,13 @@ def _strip_pretrained(obj):
             _strip_pretrained(value)
 
 
-def _batch(scope, step):
+def _batch(scope, step, masks=False):
     gen = torch.Generator().manual_seed(step)
     if scope == 'mmdet':
         from mmdet.testing import demo_mm_inputs
         packed = demo_mm_inputs(batch_size=2, image_shapes=[(3, 128, 128)] *
-                                2, num_items=[3, 2], num_classes=80)
+                                2, num_items=[3, 2], num_classes=80,
+                                with_mask=masks)
         packed['inputs'] = [
             torch.randint(0, 255, x.shape, generator=gen, dtype=torch.uint8)
             for x in packed['inputs']
@@ -104,7 +105,7 @@ def measure(rel: str) -> dict:
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1e-4))
     for step in range(window):
         mmcbn.set_cbn_iteration(model, step)
-        model.train_step(_batch(scope, step), wrapper)
+        model.train_step(_batch(scope, step, 'mask' in rel), wrapper)
     state = collect_window_state(model)
     entries = sum(len(w) for layer in layers.values()
                   for w in layer._windows)

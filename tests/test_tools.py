@@ -64,6 +64,24 @@ def test_dist_train_two_gloo_processes(tmp_path):
     # rank 0 alone wrote checkpoints
     assert sorted(p for p in os.listdir(work) if p.endswith('.pth')) == [
         'epoch_1.pth', 'epoch_2.pth']
+    # ... holding the window state of both processes (gathered before the
+    # save), each its own: a resume gives every process its own windows
+    windows = ckpt['cbn_windows']['ranks']
+    assert len(windows) == 2
+    means = [w['layers']['conv1.bn']['positions'][0]['buffers']['raw_mean']
+             for w in windows]
+    assert means[0].shape == means[1].shape and not torch.equal(*means)
+    proc = subprocess.run(
+        ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), config, '2',
+         '--resume', '--cfg-options', 'train_cfg.max_epochs=3'],
+        env=dict(env, PORT=str(free_port())), cwd=str(tmp_path),
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # (only rank 0 logs below ERROR; a rank that could not restore its own
+    # windows would fail the run)
+    assert 'restored the window state of 2 CBN call' in proc.stdout + \
+        proc.stderr
+    assert torch.load(str(work / 'epoch_3.pth'))['meta']['iter'] == 6
 
 
 def test_train_amp_then_resume_from_cli(tmp_path):
