@@ -179,7 +179,7 @@ def test_a_cbn_layer_registered_later_exports_too():
 CBN_CONFIGS = sorted(
     osp.relpath(osp.join(d, f), ROOT)
     for d, _, fs in os.walk(osp.join(ROOT, 'configs')) for f in fs
-    if f.endswith('.py') and '_cbn' in f)
+    if f.endswith('.py') and 'cbn' in f and '_base_' not in d)  # + synccbn
 
 
 @pytest.mark.parametrize('rel', CBN_CONFIGS)
@@ -240,13 +240,13 @@ def norm_cfgs(node, path=''):
     return found
 
 
-def train_and_publish(kind, options, tmp, steps=3):
+def train_and_publish(kind, options, tmp, steps=3, norm_type='CBN'):
     """Train a CBN model with ``options`` for ``steps`` iterations, save a
     checkpoint, publish it; returns the exported files and the CBN model's
     eval outputs."""
     from mm_builders import train_steps
     scope, make_cfg, make_batch = KINDS[kind]
-    norm_cfg = dict(type='CBN', **options)
+    norm_cfg = dict(type=norm_type, **options)
     cfg = make_cfg(norm_cfg)
     config = str(tmp / f'{kind}_cbn.py')
     cfg.dump(config)
@@ -313,6 +313,22 @@ def test_publish_with_each_option_non_default(option, tmp_path):
     exported = build(scope, Config.fromfile(cfg_path).model)
     assert not any(isinstance(m, _CrossIterationBatchNorm)
                    for m in exported.modules())
+    exported.load_state_dict(torch.load(ckpt_path)['state_dict'])  # strict
+    exported.eval()
+    with torch.no_grad():
+        got = outputs_of('seg', exported.test_step(seg_batch(7)))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_publish_a_synccbn_checkpoint(tmp_path):
+    """A SyncCBN run (here trained in one process, where it is CBN)
+    publishes to plain BN that reproduces its eval outputs."""
+    options = dict(window=3, burnin=1)
+    scope, cfg_path, ckpt_path, expected = train_and_publish(
+        'seg', options, tmp_path, norm_type='SyncCBN')
+    text = open(cfg_path).read()
+    assert 'SyncCBN' not in text and "type='BN'" in text
+    exported = build(scope, Config.fromfile(cfg_path).model)
     exported.load_state_dict(torch.load(ckpt_path)['state_dict'])  # strict
     exported.eval()
     with torch.no_grad():
