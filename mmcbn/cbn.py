@@ -338,18 +338,7 @@ class _CrossIterationBatchNorm:
             return super().forward(x)
         source = self._stats_source()
         if in_backward():
-            # Activation checkpointing recomputes this call during backward.
-            # The original call could not bind (grad off, or hooked saved
-            # tensors), so it used the current batch only: reproduce it,
-            # touch no state.
-            if not source.distributed:
-                return F.batch_norm(x, None, None, self.weight, self.bias,
-                                    True, 0.0, self.eps)
-            mean_t, var_t = batch_stats(x)
-            hist = empty_history(0, mean_t)
-            return window_norm(x, self.weight, self.bias, mean_t, var_t,
-                               hist.count, hist.mean, hist.var, self.eps,
-                               source)[0]
+            return self._recomputed(x, source)
         m = x.numel() // x.shape[1]
         if m == 1 and not source.distributed:
             raise ValueError(
@@ -362,52 +351,80 @@ class _CrossIterationBatchNorm:
             return super().forward(x)
         if self.capacity == 0 and not source.distributed:
             return self._batch_norm(x)[0]
-        state = self._windows[position]
         lags = self.history_lags(iteration)
         binding = self._bind(x, position) if self.capacity > 0 else None
         bound = binding is not None and binding.status != 'unbound'
-        history = None
-        if bound and lags > 0:
-            prod = binding.producer
-            use_comp = self.compensate and binding.status == 'bound'
-            history = state.compensated(
-                iteration, lags, binding.key,
-                prod.weight if use_comp and prod is not None else None,
-                prod.bias if use_comp and prod is not None else None,
-                cycle=iteration // self.cycle_length)
+        history = self._history(binding, position, iteration, lags) \
+            if bound and lags > 0 else None
         if history is None and not source.distributed:
             y, mean_t, var_t = self._batch_norm(x)
             stats = None
         else:
             mean_t, var_t = batch_stats(x)
-            if history is None:
-                history = empty_history(lags, mean_t)
-            y, stats = window_norm(x, self.weight, self.bias, mean_t, var_t,
-                                   history.count, history.mean, history.var,
-                                   self.eps, source)
-            if self.running_stats_from == 'window':
-                self._update_running_stats(
-                    stats.mean_bar, stats.var_bar,
-                    torch.where(stats.keep, stats.count, 0.).sum())
-            else:
-                self._update_running_stats(stats.mean[0], stats.var[0],
-                                           stats.count[0])
-            self._flag(DROPPED, history.dropped)
+            history = history or empty_history(lags, mean_t)
+            y, stats = self._window_norm(x, mean_t, var_t, history, source)
         if bound and m > 0:
-            with torch.no_grad():
-                xs = x.detach().to(stats_dtype(x))
-                stride = self.moment_stride
-                phase = tuple(
-                    _phase(iteration, position, d, stride)
-                    for d in range(x.dim() - 2)) if stride > 1 else ()
-                record = make_record(binding, xs, mean_t, var_t,
-                                     self.compensate, stride, phase)
-                ok = state.push(iteration, binding.key, record, m,
-                                iteration // self.cycle_length)
-                self._flag(NOT_STORED, ~ok)
+            self._record(x, binding, position, iteration, mean_t, var_t)
         if self._monitor and self.capacity > 0:
             observe(self, history, stats, mean_t, var_t, lags)
         return y
+
+    def _recomputed(self, x: Tensor, source: StatsSource) -> Tensor:
+        """Activation checkpointing recomputes this call during backward.
+        The original call could not bind (grad off, or hooked saved
+        tensors), so it used the current batch only: reproduce it, touch no
+        state."""
+        if not source.distributed:
+            return F.batch_norm(x, None, None, self.weight, self.bias, True,
+                                0.0, self.eps)
+        mean_t, var_t = batch_stats(x)
+        return window_norm(x, self.weight, self.bias, mean_t, var_t,
+                           *empty_history(0, mean_t)[:3], self.eps,
+                           source)[0]
+
+    def _history(self, binding: Binding, position: int, iteration: int,
+                 lags: int):
+        """The earlier entries of this call position, compensated to the
+        producer's current parameters (None if none is in the window)."""
+        prod = binding.producer
+        use_comp = self.compensate and binding.status == 'bound' and \
+            prod is not None
+        return self._windows[position].compensated(
+            iteration, lags, binding.key, prod.weight if use_comp else None,
+            prod.bias if use_comp else None,
+            cycle=iteration // self.cycle_length)
+
+    def _window_norm(self, x: Tensor, mean_t: Tensor, var_t: Tensor,
+                     history, source: StatsSource):
+        """Normalize with the window's statistics; update the running ones
+        from what the source combined."""
+        y, stats = window_norm(x, self.weight, self.bias, mean_t, var_t,
+                               history.count, history.mean, history.var,
+                               self.eps, source)
+        if self.running_stats_from == 'window':
+            self._update_running_stats(
+                stats.mean_bar, stats.var_bar,
+                torch.where(stats.keep, stats.count, 0.).sum())
+        else:
+            self._update_running_stats(stats.mean[0], stats.var[0],
+                                       stats.count[0])
+        self._flag(DROPPED, history.dropped)
+        return y, stats
+
+    @torch.no_grad()
+    def _record(self, x: Tensor, binding: Binding, position: int,
+                iteration: int, mean_t: Tensor, var_t: Tensor) -> None:
+        """Store this iteration's statistics with what compensation needs."""
+        stride = self.moment_stride
+        phase = tuple(
+            _phase(iteration, position, d, stride)
+            for d in range(x.dim() - 2)) if stride > 1 else ()
+        record = make_record(binding, x.detach().to(stats_dtype(x)), mean_t,
+                             var_t, self.compensate, stride, phase)
+        ok = self._windows[position].push(iteration, binding.key, record,
+                                          x.numel() // x.shape[1],
+                                          iteration // self.cycle_length)
+        self._flag(NOT_STORED, ~ok)
 
     def _bind(self, x: Tensor, position: int) -> Binding:
         """Find the producer of ``x``; fall back (and warn) if none."""
