@@ -13,6 +13,7 @@ epoch, and records after every iteration:
 
     python benchmarks/soak.py                # 600 iterations (300 images)
     python benchmarks/soak.py --quick        # 24 iterations, for the tests
+    python benchmarks/soak.py --norm bn      # the control: BN demo config
 """
 import os
 import os.path as osp
@@ -26,7 +27,7 @@ from common import (ROOT, Timer, benchmark_parser,  # noqa: E402
                     machine_info, markdown_table, save_png, write_json)
 
 sys.path.insert(0, osp.join(ROOT, 'tools'))
-CONFIG = osp.join(ROOT, 'configs', 'demo', 'mask-rcnn_r18_fpn_cbn_demo.py')
+CONFIG = osp.join(ROOT, 'configs', 'demo', 'mask-rcnn_r18_fpn_{}_demo.py')
 
 
 def rss_kb() -> int:
@@ -48,7 +49,8 @@ def slope(values):
     return num / den
 
 
-def run(num_train: int, epochs: int, work_dir: str) -> dict:
+def run(num_train: int, epochs: int, work_dir: str,
+        norm: str = 'cbn') -> dict:
     import make_demo_data
     from mmengine.config import Config
     from mmengine.hooks import Hook
@@ -59,7 +61,7 @@ def run(num_train: int, epochs: int, work_dir: str) -> dict:
     data = osp.join(work_dir, 'data')
     make_demo_data.generate(data, seed=0, num_train=num_train, num_val=2,
                             size=128, verbose=False)
-    cfg = Config.fromfile(CONFIG)
+    cfg = Config.fromfile(CONFIG.format(norm))
     cfg.work_dir = osp.join(work_dir, 'run')
     cfg.train_dataloader.dataset.data_root = osp.join(data, 'coco') + '/'
     cfg.train_dataloader.num_workers = 0
@@ -88,6 +90,9 @@ def run(num_train: int, epochs: int, work_dir: str) -> dict:
     runner.train()
     seconds = timer()
     layers = dict(mmcbn.cbn_layers(runner.model))
+    if not layers:  # the BN control: no window
+        for r in records:
+            r['window_bytes'] = 0
     full_from = next(i for i, r in enumerate(records)
                      if r['window_bytes'] == records[-1]['window_bytes'])
     half = records[len(records) // 2:]
@@ -109,11 +114,15 @@ def run(num_train: int, epochs: int, work_dir: str) -> dict:
 
 def main(argv=None) -> dict:
     parser = benchmark_parser(__doc__, quick_help='24 iterations')
+    parser.add_argument(
+        '--norm', default='cbn', choices=['cbn', 'bn'],
+        help='bn: the same run with the BN demo config (the control for '
+        'memory growth that is not CBN\'s)')
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
     num_train, epochs = (16, 3) if args.quick else (300, 4)
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(num_train, epochs, tmp)
+        result = run(num_train, epochs, tmp, args.norm)
     rows = [[result['iterations'], result['cbn_layers'],
              result['window_state_final_from_iter'],
              f'{result["window_mb_final"]:.2f}',
@@ -126,10 +135,11 @@ def main(argv=None) -> dict:
          'window state (MB)',
          'window-size changes after full', 'RSS start (MB)', 'RSS end (MB)',
          'RSS slope 2nd half (KB/iter)', 'time (s)'], rows))
-    stem = 'soak' + ('_quick' if args.quick else '')
+    stem = 'soak' + ('' if args.norm == 'cbn' else '_bn') + (
+        '_quick' if args.quick else '')
     write_json(osp.join(args.out, stem + '.json'),
                dict(benchmark='soak', machine=machine_info(),
-                    quick=args.quick, **result))
+                    quick=args.quick, norm=args.norm, **result))
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
