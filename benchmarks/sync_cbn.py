@@ -376,25 +376,48 @@ def check_baseline(rank, args, data):
 
 # ----------------------------------------------------------------- speed
 def measure_speed(rank, args, data):
+    """Wall and CPU time of each variant's training step, round-robin.
+
+    Each step starts at a barrier; the order of the variants rotates from
+    one round to the next. The CPU time (``time.process_time``, all
+    threads of the process) excludes waiting in a collective (gloo blocks,
+    it does not spin), so it is the work a step costs, whatever the
+    machine's load; the wall time also holds the waiting.
+    """
     x_tr, y_tr = data[0], data[1]
     stream = Stream(len(x_tr), args.batch, args.seed)
     runs = {}
     for name in SPEED_VARIANTS:
         model, ddp = build(name, args)
         runs[name] = (ddp, sgd(model, 0.01))
-    times = {name: [] for name in SPEED_VARIANTS}
+    wall = {name: [] for name in SPEED_VARIANTS}
+    cpu = {name: [] for name in SPEED_VARIANTS}
     warmup = max(w or 1 for _, w in VARIANTS.values()) + 2
+    n = len(SPEED_VARIANTS)
     for step in range(warmup + args.reps):
         idx = stream.indices(step, rank)
         x, y = x_tr[idx], y_tr[idx]
-        for name in SPEED_VARIANTS:
+        order = SPEED_VARIANTS[step % n:] + SPEED_VARIANTS[:step % n]
+        for name in order:
             ddp, opt = runs[name]
             dist.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             train_step(ddp, opt, x, y)
             if step >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    # one collective between the 2 processes, from a barrier: latency for
+    # SyncBN- and SyncCBN-sized payloads (C = 256)
+    sizes = [2 * (2 * 256 + 1)] + [k * (1 + 2 * 256) for k in (1, 4, 8)]
+    latency = {numel: [] for numel in sizes}
+    bufs = {numel: torch.zeros(numel) for numel in sizes}
+    for _ in range(args.reps):
+        for numel in sizes:
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(bufs[numel])
+            latency[numel].append(time.perf_counter() - start)
+    return dict(wall=wall, cpu=cpu, all_reduce_s=latency)
 
 
 # ------------------------------------------------ statistics error study
@@ -562,27 +585,41 @@ def run_two_processes(args, out_dir):
 
 # ---------------------------------------------------------------- summary
 def summarize_speed(ranks):
-    times = {}
+    """Medians per variant: wall time of a step (the slower process: the
+    step is done when both are) and CPU time (mean of the processes)."""
+    wall, cpu = {}, {}
     for name in SPEED_VARIANTS:
-        per_rank = [r['speed'][name] for r in ranks]
-        # a step ends when the slower process is done
-        times[name] = [max(ts) for ts in zip(*per_rank)]
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        wall[name] = [max(ts) for ts in zip(*(r['speed']['wall'][name]
+                                              for r in ranks))]
+        cpu[name] = [statistics.fmean(ts) for ts in zip(
+            *(r['speed']['cpu'][name] for r in ranks))]
+    med_wall = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
+    med_cpu = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
     pair = {'SyncBN': 'BN', 'SyncCBN w1': 'BN', 'SyncCBN w4': 'CBN w4',
             'SyncCBN w8': 'CBN w8'}
+
+    def quartiles(v):
+        q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
+        return [q[0] * 1e3, q[2] * 1e3]
+
     rows = []
     for name in SPEED_VARIANTS:
         rows.append(dict(
-            norm=name, step_ms=med[name], vs_bn=med[name] / med['BN'],
-            vs_syncbn=med[name] / med['SyncBN'],
-            vs_unsynced=(med[name] / med[pair[name]]
+            norm=name, reps=len(wall[name]),
+            step_ms=med_wall[name], step_ms_iqr=quartiles(wall[name]),
+            vs_bn=med_wall[name] / med_wall['BN'],
+            vs_unsynced=(med_wall[name] / med_wall[pair[name]]
                          if name in pair else None),
-            reps=len(times[name]),
-            q25_ms=statistics.quantiles(times[name], n=4)[0] * 1e3
-            if len(times[name]) > 1 else med[name],
-            q75_ms=statistics.quantiles(times[name], n=4)[2] * 1e3
-            if len(times[name]) > 1 else med[name]))
-    return rows
+            cpu_ms=med_cpu[name], cpu_ms_iqr=quartiles(cpu[name]),
+            cpu_vs_bn=med_cpu[name] / med_cpu['BN'],
+            cpu_vs_unsynced=(med_cpu[name] / med_cpu[pair[name]]
+                             if name in pair else None)))
+    latency = {
+        str(numel): 1e3 * statistics.median(
+            max(ts) for ts in zip(*(r['speed']['all_reduce_s'][numel]
+                                    for r in ranks)))
+        for numel in ranks[0]['speed']['all_reduce_s']}
+    return rows, latency
 
 
 def summarize_stats(ranks, args):
@@ -663,14 +700,19 @@ def tables(result, args):
              'KiB per step (float32)', 'every call = formula',
              'DDP gradients, MiB per step'], rows)
     if 'speed' in result:
+
+        def ratio(v):
+            return '' if v is None else f'{v:.2f}'
+
         rows = [[
-            r['norm'], POOLS[r['norm']], f"{r['step_ms']:.1f}",
-            f"{r['vs_bn']:.2f}", f"{r['vs_syncbn']:.2f}",
-            '' if r['vs_unsynced'] is None else f"{r['vs_unsynced']:.2f}"
+            r['norm'], POOLS[r['norm']], f"{r['step_ms']:.0f}",
+            f"{r['vs_bn']:.2f}", ratio(r['vs_unsynced']),
+            f"{r['cpu_ms']:.0f}", f"{r['cpu_vs_bn']:.2f}",
+            ratio(r['cpu_vs_unsynced'])
         ] for r in result['speed']]
         out['speed'] = markdown_table(
-            ['norm', 'pools', 'step ms (median)', 'x BN', 'x SyncBN',
-             'x same norm unsynced'], rows)
+            ['norm', 'pools', 'wall ms', 'x BN', 'x unsynced', 'CPU ms',
+             'x BN', 'x unsynced'], rows)
     if 'stats' in result:
         rows = [[
             r['norm'], POOLS[r['norm']], r['images'],
@@ -689,21 +731,25 @@ def plot(result, per_variant, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    n_axes = ('speed' in result) + 2 * ('stats' in result)
+    n_axes = ('speed' in result) + 3 * ('stats' in result)
     if not n_axes:
         return
-    fig, axes = plt.subplots(1, n_axes, figsize=(5 * n_axes, 4.2),
+    fig, axes = plt.subplots(1, n_axes, figsize=(4.6 * n_axes, 4.2),
                              squeeze=False)
     axes = list(axes[0])
     if 'speed' in result:
         ax = axes.pop(0)
         rows = result['speed']
-        ax.barh([r['norm'] for r in rows], [r['vs_bn'] for r in rows],
-                color=['tab:gray' if r['norm'].startswith(('BN', 'CBN'))
-                       else 'tab:blue' for r in rows])
+        pos = list(range(len(rows)))
+        ax.barh([p - 0.2 for p in pos], [r['vs_bn'] for r in rows],
+                height=0.4, color='tab:blue', label='wall time')
+        ax.barh([p + 0.2 for p in pos], [r['cpu_vs_bn'] for r in rows],
+                height=0.4, color='tab:orange', label='CPU time')
+        ax.set_yticks(pos, [r['norm'] for r in rows])
         ax.axvline(1.0, color='k', lw=0.8)
         ax.invert_yaxis()
-        ax.set_xlabel('training step time / BN (median, same run)')
+        ax.legend(fontsize=7)
+        ax.set_xlabel('training step / BN (medians, same run)')
         ax.set_title('step time, 2 gloo processes x 1 thread', fontsize=9)
     if 'stats' in result:
         colors = dict(zip(STATS_VARIANTS, ['tab:gray', 'tab:orange',
@@ -716,12 +762,23 @@ def plot(result, per_variant, path):
                         ms=3, color=colors[name],
                         label=f"{name} ({v['images']} images)")
             ax.set_yscale('log')
-            ax.set_xlabel('probe iteration')
+            ax.set_xlabel('probe iteration (after burn-in)')
             ax.set_ylabel(f'relative error of the {stat}')
-            ax.set_title(f'{stat} a layer normalizes with vs population '
-                         '(mean over 20 layers, 2 processes)', fontsize=9)
+            ax.set_title(f'{stat} used vs population (20 layers, 2 '
+                         'processes)', fontsize=9)
             ax.grid(alpha=0.3, which='both')
             ax.legend(fontsize=7)
+        ax = axes[2]
+        for name, v in per_variant.items():
+            ax.plot(range(len(v['by_layer'])),
+                    [e['var'] for e in v['by_layer']], marker='o', ms=3,
+                    color=colors[name], label=name)
+        ax.set_yscale('log')
+        ax.set_xlabel('norm layer (forward order; spatial size 16 -> 2)')
+        ax.set_ylabel('relative error of the var')
+        ax.set_title('var used vs population, by layer (all probes)',
+                     fontsize=9)
+        ax.grid(alpha=0.3, which='both')
     fig.tight_layout()
     save_png(fig, path, dpi=90)
     plt.close(fig)
@@ -793,8 +850,10 @@ def main(argv=None):
         result['bytes_equal_on_both_processes'] = (
             ranks[0]['bytes'] == ranks[1]['bytes'])
     if 'speed' in args.parts:
-        result['speed'] = summarize_speed(ranks)
-        result['speed_raw_s'] = {r['rank']: r['speed'] for r in ranks}
+        result['speed'], result['all_reduce_ms'] = summarize_speed(ranks)
+        result['speed_raw_s'] = {
+            r['rank']: {k: r['speed'][k] for k in ('wall', 'cpu')}
+            for r in ranks}
     per_variant = None
     if 'stats' in args.parts:
         result['stats'], per_variant = summarize_stats(ranks, args)
@@ -812,6 +871,11 @@ def main(argv=None):
           f"{bc['max_abs_state_diff']:.2e}")
     for key, table in result['tables'].items():
         print(f'\n### {key}\n{table}')
+    if 'all_reduce_ms' in result:
+        print('\none all_reduce from a barrier (median, slower process): '
+              + ', '.join(
+            f'{k} floats {v:.2f} ms'
+            for k, v in result['all_reduce_ms'].items()))
     print(f"\nload average {load_start} -> {load_end}; {result['seconds']:.0f}"
           ' s')
     tag = '_quick' if args.quick else ''

@@ -76,8 +76,10 @@ def test_sync_cbn_quick(tmp_path):
     rows = {r['norm']: r for r in data['speed']}
     assert set(rows) == {'BN', 'SyncBN', 'SyncCBN w1', 'CBN w4',
                          'SyncCBN w4', 'CBN w8', 'SyncCBN w8'}
-    assert all(r['step_ms'] > 0 and r['reps'] >= 3 for r in rows.values())
-    assert rows['BN']['vs_bn'] == 1.0
+    assert all(r['step_ms'] > 0 and r['cpu_ms'] > 0 and r['reps'] >= 3
+               for r in rows.values())
+    assert rows['BN']['vs_bn'] == rows['BN']['cpu_vs_bn'] == 1.0
+    assert set(data['all_reduce_ms']) == {'1026', '513', '2052', '4104'}
 
     # statistics: pooled norms use identical statistics on both processes,
     # per-process ones do not; pooling both axes gives the smallest error
