@@ -718,12 +718,12 @@ def tables(result, args):
             r['norm'], POOLS[r['norm']], r['images'],
             f"{r['mean_error']:.4f}", f"{r['mean_vs_synccbn']:.2f}x",
             f"{r['var_error']:.4f}", f"{r['var_vs_synccbn']:.2f}x",
-            f"{r['loss_last']:.3f}"
+            f"{r['loss_last']:.3f}", f"{r['test_accuracy_rank0']:.1f}"
         ] for r in result['stats']]
         out['stats'] = markdown_table(
             ['norm', 'pools', 'images per statistic', 'mean error',
              'x SyncCBN w4', 'var error', 'x SyncCBN w4',
-             'train loss (last 50 it)'], rows)
+             'train loss (last 50 it)', 'test acc. % (rank 0)'], rows)
     return out
 
 
