@@ -41,7 +41,7 @@ Model: ``common.SmallResNet`` in ResNet-18 layout (BasicBlocks 2-2-2-2,
 20 norm layers) on scikit-learn's bundled digits upsampled to 16x16 (see
 ``common.dataset_note``).
 
-    python benchmarks/sync_cbn.py            # full run (~15 min here)
+    python benchmarks/sync_cbn.py            # full run (~22 min here)
     python benchmarks/sync_cbn.py --quick    # smoke test (< 2 min)
 
 Writes ``sync_cbn.json`` and ``sync_cbn.png`` into ``--out``.
