@@ -138,7 +138,7 @@ def read_cbn_flags(model: nn.Module, warn: bool = True) -> Dict[str, dict]:
             for index, n in enumerate(counts):
                 if n:
                     layer._warn_once(
-                        f'flag{index}', f'{layer._name()}: ' +
+                        f'flag{index}', f'{layer.cbn_name or name}: ' +
                         _FLAG_MESSAGES[index].format(n=n) +
                         ' (first seen by iteration '
                         f'{layer.iteration}; later events are counted '
