@@ -7,7 +7,7 @@ Task ("photo regions"): 21 real photographs bundled in installed packages
 matplotlib's ``grace_hopper.jpg``; no download) are resized to a short side
 of 64 px and their central 64 x 64 square is cut into a 2 x 2 grid of
 32 x 32 regions. Each region is a class (84 classes); an example is a
-16 x 16 crop at a random position inside its region (30 training and 10
+16 x 16 crop at a random position inside its region (20 training and 10
 test positions per class, disjoint, fixed by the data seed). Colour and
 grey-scale photos, textures, text, micrographs and a telescope image make
 the per-image statistics very heterogeneous, which is what makes batch
@@ -25,7 +25,7 @@ iterations); CBN with ``running_stats_from='window'`` (batch 2); "BN
 early, CBN late" (burn-in 50%); and, as a control, BN at batches 2 and 32
 on digits with the same network and protocol.
 
-    python benchmarks/small_batch_photos.py          # full run (~1 h, 1 thread)
+    python benchmarks/small_batch_photos.py          # full run (1 thread)
     python benchmarks/small_batch_photos.py --quick  # smoke test (< 1 min)
 
 Writes ``small_batch_photos.json`` and ``small_batch_photos.png`` into
@@ -562,7 +562,7 @@ def main(argv=None):
     parser = benchmark_parser(__doc__)
     parser.add_argument('--seeds', type=int, nargs='+',
                         default=[0, 1, 2, 3, 4])
-    parser.add_argument('--epochs', type=int, default=4)
+    parser.add_argument('--epochs', type=int, default=3)
     parser.add_argument('--base-lr', type=float, default=0.1,
                         help='learning rate at batch 32 (linear scaling)')
     parser.add_argument('--weight-decay', type=float, default=5e-4)
@@ -573,7 +573,7 @@ def main(argv=None):
     parser.add_argument('--short', type=int, default=64)
     parser.add_argument('--grid', type=int, default=2)
     parser.add_argument('--crop', type=int, default=16)
-    parser.add_argument('--n-train', type=int, default=30)
+    parser.add_argument('--n-train', type=int, default=20)
     parser.add_argument('--n-test', type=int, default=10)
     parser.add_argument('--n-photos', type=int, default=None,
                         help='use only the first N photographs')
