@@ -247,6 +247,9 @@ def launch(task: str, norm: str, seed: int, args,
         with open(result_file) as f:
             print(f'[{name}] reusing {osp.relpath(result_file)}', flush=True)
             return json.load(f)
+    if args.finished_only:
+        print(f'[{name}] not run (--finished-only)', flush=True)
+        return None
     os.makedirs(work_dir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads))
@@ -345,13 +348,15 @@ def paired_differences(summary: Dict, tasks) -> Dict:
     for task in tasks:
         for a, b in PAIRS:
             ra, rb = summary.get(f'{task}/{a}'), summary.get(f'{task}/{b}')
-            if ra is None or rb is None or ra['seeds'] != rb['seeds']:
+            if ra is None or rb is None:
+                continue
+            seeds = [s for s in ra['seeds'] if s in rb['seeds']]
+            if not seeds:
                 continue
             for metric in METRICS[task][:2]:
-                diffs = [
-                    x - y for x, y in zip(ra[metric]['values'],
-                                          rb[metric]['values'])
-                ]
+                va = dict(zip(ra['seeds'], ra[metric]['values']))
+                vb = dict(zip(rb['seeds'], rb[metric]['values']))
+                diffs = [va[s] - vb[s] for s in seeds]
                 out[f'{task}: {LABELS[metric]} {NAMES[a]} - {NAMES[b]}'] = \
                     dict(mean=statistics.fmean(diffs),
                          wins=sum(d > 0 for d in diffs),
@@ -363,8 +368,11 @@ def paired_differences(summary: Dict, tasks) -> Dict:
 def tables(summary: Dict, diffs: Dict, tasks, norms) -> str:
     rows = []
     shown = [(task, m) for task in tasks for m in METRICS[task][:2]]
+    most = max(len(e['seeds']) for e in summary.values())
     for norm in norms:
-        row = [NAMES[norm]]
+        fewer = {len(summary[f'{t}/{norm}']['seeds'])
+                 for t in tasks if f'{t}/{norm}' in summary} - {most}
+        row = [NAMES[norm] + (f' ({min(fewer)} seeds)' if fewer else '')]
         for task, metric in shown:
             e = summary.get(f'{task}/{norm}')
             row.append('-' if e is None else
@@ -432,7 +440,9 @@ def plot(summary: Dict, tasks, norms, path: str) -> None:
         ax.set_title(f'{"Mask R-CNN" if task == "det" else "FCN"}: '
                      f'{LABELS[metric]}', fontsize=9)
         ax.grid(axis='y', alpha=0.3)
-    n_seeds = max(len(e['seeds']) for e in summary.values())
+    counts = sorted({len(e['seeds']) for e in summary.values()})
+    n_seeds = (str(counts[0]) if len(counts) == 1 else
+               f'{counts[0]}-{counts[-1]}')
     fig.suptitle('Demo data, 2 images per iteration, from scratch '
                  f'(mean ± std over {n_seeds} seeds; dots: seeds)',
                  fontsize=9)
@@ -468,6 +478,10 @@ def main(argv=None) -> Dict:
     parser.add_argument('--reuse', metavar='JSON',
                         help='take the runs an earlier demo_tasks JSON has '
                         '(same data and mode) instead of training them')
+    parser.add_argument('--finished-only', action='store_true',
+                        help='train nothing: report the runs that are '
+                        'finished or reused (a norm may then have fewer '
+                        'seeds; paired differences use the common seeds)')
     parser.add_argument('--child', nargs=3, metavar=('TASK', 'NORM', 'SEED'),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -505,6 +519,8 @@ def main(argv=None) -> Dict:
     start = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda j: launch(*j, args), jobs))
+        jobs = [j for j, r in zip(jobs, runs) if r is not None]
+        runs = [r for r in runs if r is not None]
         if args.population:
             # GN has no statistics to re-estimate; CBN-w trains the very
             # weights CBN does (the option only changes the running stats);
@@ -513,7 +529,8 @@ def main(argv=None) -> Dict:
             pops = pool.map(lambda j: launch(*j, args, population=True),
                             pop_jobs)
             for job, pop in zip(pop_jobs, pops):
-                runs[jobs.index(job)]['population'] = pop
+                if pop is not None:
+                    runs[jobs.index(job)]['population'] = pop
     bad = [(r['task'], r['norm'], r['seed'], k, v) for r in runs
            for k, v in r['metrics'].items() if not math.isfinite(v)]
     if bad:
@@ -546,6 +563,7 @@ def main(argv=None) -> Dict:
                                for (t, n, s) in args.reused
                                if (t, n, s) in jobs),
             images_per_iteration=2,
+            finished_only=args.finished_only,
             population_batch=POPULATION_BATCH if args.population else None),
         wall_seconds=round(time.perf_counter() - start, 1),
         runs=runs,

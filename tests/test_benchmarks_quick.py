@@ -223,6 +223,17 @@ def test_demo_tasks_quick(tmp_path):
     dumped = (work2 / 'seg_cbnn_seed0' / 'fcn_r18-d8_cbn_demo.py').read_text()
     assert dumped.count('compensate=False') == 3
     assert 'seg: mIoU (%) CBN - naive CBN' in data2['paired_differences']
+    # --finished-only trains nothing: GN (neither finished nor in the JSON)
+    # is left out
+    fourth = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'demo_tasks.py'),
+         '--quick', '--out', str(out2), '--work-dir', str(work2),
+         '--norms', 'gn', 'cbn', 'cbnn', '--finished-only'],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert '[seg_gn_seed0] not run' in fourth.stdout
+    with open(out2 / 'demo_tasks_quick.json') as f:
+        assert sorted(r['norm'] for r in json.load(f)['runs']) == ['cbnn']
     # an earlier JSON of other data or another mode is refused
     refused = subprocess.run(
         [sys.executable, osp.join(ROOT, 'benchmarks', 'demo_tasks.py'),
