@@ -503,7 +503,7 @@ def plot(summary, checks, path, title):
     ax.set_ylabel('test accuracy (%), eval mode')
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc='center right')
     # paired differences against BN at the same batch, per seed
     keys = [k for k, c in checks.items()
             if c['b'].startswith('BN b') and c['b'] != 'BN b32'
@@ -518,8 +518,8 @@ def plot(summary, checks, path, title):
     bx.set_yticklabels(keys, fontsize=7)
     bx.axvline(0, color='k', lw=0.8)
     bx.invert_yaxis()
-    bx.set_xlabel('paired difference in test accuracy (points); '
-                  'dots: seeds, bar: mean ± paired s.e.')
+    bx.set_xlabel('paired Δ test accuracy vs BN at the same batch '
+                  '(points)\ndots: seeds; bars: mean ± paired s.e.')
     bx.grid(axis='x', alpha=0.3)
     fig.tight_layout()
     save_png(fig, path, dpi=100)
