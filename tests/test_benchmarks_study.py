@@ -23,9 +23,11 @@ import sklearn  # noqa: E402,F401
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('out')
     env = dict(os.environ, OMP_NUM_THREADS='1', MPLBACKEND='Agg')
+    # a fresh work dir: every run is trained, none reused from earlier ones
     proc = subprocess.run(
         [sys.executable, osp.join(ROOT, 'benchmarks', 'small_batch_photos.py'),
-         '--quick', '--out', str(out)],
+         '--quick', '--out', str(out), '--work-dir',
+         str(tmp_path_factory.mktemp('work'))],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / 'small_batch_photos_quick.png').stat().st_size > 1000
@@ -139,3 +141,30 @@ def test_small_batch_photos_quick(quick_run):
         for key in ('mean_noise', 'var_noise'):
             assert n['batch 16']['all'][key] < n['batch 2']['all'][key]
     assert '| CBN b2 k8 |' in stdout and 'between-image' in stdout
+    assert 'reused' not in stdout
+
+
+def test_small_batch_photos_resume(tmp_path):
+    """Finished runs are kept in the work dir and taken from there when the
+    same settings run again; other settings train afresh."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', MPLBACKEND='Agg')
+    script = osp.join(ROOT, 'benchmarks', 'small_batch_photos.py')
+
+    def run(*extra):
+        proc = subprocess.run(
+            [sys.executable, script, '--quick', '--out', str(tmp_path),
+             '--work-dir', str(tmp_path / 'work'), '--runs', 'BN b4',
+             'GN b2', *extra],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(tmp_path / 'small_batch_photos_quick.json') as f:
+            return json.load(f), proc.stdout
+
+    first, out1 = run()
+    assert 'reused' not in out1
+    again, out2 = run()
+    assert out2.count('reused from') == 4  # 2 runs x 2 seeds
+    assert again['summary']['GN b2']['accs'] == first['summary']['GN b2'][
+        'accs']
+    _, out3 = run('--base-lr', '0.2')
+    assert 'reused' not in out3
