@@ -430,7 +430,7 @@ def plot(summary: Dict, tasks, norms, path: str) -> None:
                    alpha=0.6, capsize=4)
             ax.plot([i] * len(v['values']), v['values'], 'k.', ms=5)
         ax.set_xticks(range(len(norms)))
-        ax.set_xticklabels([NAMES[n] for n in norms])
+        ax.set_xticklabels([NAMES[n].replace(' ', '\n') for n in norms])
         lows = [min(summary[f'{task}/{n}'][metric]['values']) for n in norms
                 if f'{task}/{n}' in summary]
         highs = [max(summary[f'{task}/{n}'][metric]['values']) for n in norms
