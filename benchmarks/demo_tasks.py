@@ -17,7 +17,10 @@ Runs are independent processes (``--jobs`` at a time, each with
 result file exists in ``--work-dir`` (delete it to rerun), or when
 ``--reuse JSON`` (an earlier ``demo_tasks.json`` made with the same data
 and mode) has it: then only the missing runs are trained, e.g. to add a
-norm to committed results.
+norm to committed results. Beware: a run repeats exactly on one machine
+and environment, but runs of 2026-11-24 did not reproduce after the
+environment was rebuilt on 2026-11-25 (several mIoU points, BN and CBN
+alike), so reused and new runs are not paired by seed.
 
     python benchmarks/demo_tasks.py             # 3 seeds x 3 norms x 2 tasks
     python benchmarks/demo_tasks.py --norms bn gn cbnn cbn cbnw \
