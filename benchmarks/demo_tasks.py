@@ -14,9 +14,17 @@ weights for each norm). The demo configs' schedules are used unchanged
 
 Runs are independent processes (``--jobs`` at a time, each with
 ``--threads`` torch threads); a finished run is not repeated when its
-result file exists in ``--work-dir`` (delete it to rerun).
+result file exists in ``--work-dir`` (delete it to rerun), or when
+``--reuse JSON`` (an earlier ``demo_tasks.json`` made with the same data
+and mode) has it: then only the missing runs are trained, e.g. to add a
+norm to committed results. Beware: a run repeats exactly on one machine
+and environment, but runs of 2026-11-24 did not reproduce after the
+environment was rebuilt on 2026-11-25 (several mIoU points, BN and CBN
+alike), so reused and new runs are not paired by seed.
 
     python benchmarks/demo_tasks.py             # 3 seeds x 3 norms x 2 tasks
+    python benchmarks/demo_tasks.py --norms bn gn cbnn cbn cbnw \
+        --population --reuse benchmarks/results/demo_tasks.json
     python benchmarks/demo_tasks.py --quick     # smoke test (< 1 min)
 
 Writes ``demo_tasks.json`` and ``demo_tasks.png`` into ``--out``.
@@ -44,8 +52,15 @@ import demo  # noqa: E402
 import make_demo_data  # noqa: E402
 
 #: ``cbnw``: the CBN configs with ``running_stats_from='window'`` (eval
-#: statistics from the window; an ablation, see the README).
-NORMS = ('bn', 'gn', 'cbn', 'cbnw')
+#: statistics from the window; an ablation, see the README). ``cbnn``:
+#: naive CBN, the CBN configs with ``compensate=False`` (the window without
+#: Taylor compensation).
+NORMS = ('bn', 'gn', 'cbnn', 'cbn', 'cbnw')
+#: The CBN-config variants and the norm_cfg option each sets.
+CBN_VARIANTS = {
+    'cbnw': 'running_stats_from=window',
+    'cbnn': 'compensate=False',
+}
 #: Images per batch when statistics are re-estimated (``--population``).
 POPULATION_BATCH = 16
 #: Where the demo configs put their norm_cfg, per task.
@@ -75,15 +90,15 @@ def run_options(task: str, norm: str, seed: int, data_root: str,
                 quick: bool) -> List[str]:
     """``--cfg-options`` of one run: data, schedule (``make demo``'s, or its
     ``--quick`` one) and seed."""
-    config_norm = 'cbn' if norm == 'cbnw' else norm
+    config_norm = 'cbn' if norm in CBN_VARIANTS else norm
     opts = (demo._data_options(task, data_root, 'train') +
             demo._data_options(task, data_root, 'test') +
             demo._schedule_options(task, quick, config_norm) +
             demo._quick_test_options(task, quick) +
             [f'randomness.seed={seed}'])
-    if norm == 'cbnw':
+    if norm in CBN_VARIANTS:
         opts += [
-            f'model.{part}.norm_cfg.running_stats_from=window'
+            f'model.{part}.norm_cfg.{CBN_VARIANTS[norm]}'
             for part in NORM_PARTS[task]
         ]
     return opts
@@ -91,7 +106,8 @@ def run_options(task: str, norm: str, seed: int, data_root: str,
 
 def config_of(task: str, norm: str) -> str:
     return demo._config(demo.DET_CONFIG if task == 'det' else
-                        demo.SEG_CONFIG, 'cbn' if norm == 'cbnw' else norm)
+                        demo.SEG_CONFIG,
+                        'cbn' if norm in CBN_VARIANTS else norm)
 
 
 def run_config(task: str, norm: str, seed: int, work_dir: str,
@@ -222,10 +238,21 @@ def launch(task: str, norm: str, seed: int, args,
                            'result.json')
     if population:
         name += ' (population statistics)'
+    earlier = args.reused.get((task, norm, seed))
+    if earlier is not None and (not population or 'population' in earlier):
+        print(f'[{name}] reusing {args.reuse}', flush=True)
+        earlier = copy.deepcopy(earlier)
+        if population:
+            return earlier['population']
+        earlier.pop('population', None)
+        return earlier
     if osp.isfile(result_file):
         with open(result_file) as f:
             print(f'[{name}] reusing {osp.relpath(result_file)}', flush=True)
             return json.load(f)
+    if args.finished_only:
+        print(f'[{name}] not run (--finished-only)', flush=True)
+        return None
     os.makedirs(work_dir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads))
@@ -251,6 +278,28 @@ def launch(task: str, norm: str, seed: int, args,
     print(f'[{name}] done in {time.perf_counter() - start:.0f} s: '
           f'{result["metrics"]}', flush=True)
     return result
+
+
+def reused_runs(path, data_seed: int, sizes: Dict, quick: bool,
+                threads: int) -> Dict:
+    """``{(task, norm, seed): run}`` of an earlier demo_tasks JSON, after
+    checking that it was made on the same data, in the same mode and with
+    the same threads per run (its runs are then what this script would
+    compute: a run is deterministic for a seed and a thread count)."""
+    if not path:
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    cfg = old.get('config', {})
+    # the data are a function of their seed and sizes, wherever they are
+    want = dict(seed=data_seed, **sizes)
+    data = {k: v for k, v in cfg.get('data', {}).items() if k != 'root'}
+    made = (data, cfg.get('quick'), cfg.get('threads_per_run'))
+    if old.get('benchmark') != 'demo_tasks' or made != (want, quick,
+                                                         threads):
+        raise SystemExit(f'--reuse {path}: made with (data, quick, threads) '
+                         f'= {made}, not {(want, quick, threads)}')
+    return {(r['task'], r['norm'], r['seed']): r for r in old['runs']}
 
 
 def _stats(values: List[float]) -> Dict:
@@ -288,25 +337,29 @@ def summarize(runs: List[Dict], tasks, norms) -> Dict:
 
 
 #: Display names.
-NAMES = {'bn': 'BN', 'gn': 'GN', 'cbn': 'CBN', 'cbnw': 'CBN-w'}
+NAMES = {'bn': 'BN', 'gn': 'GN', 'cbn': 'CBN', 'cbnw': 'CBN-w',
+         'cbnn': 'naive CBN'}
 #: The paired comparisons reported, (a, b): a minus b.
-PAIRS = (('cbn', 'bn'), ('cbn', 'gn'), ('cbnw', 'cbn'), ('cbnw', 'bn'))
+PAIRS = (('cbn', 'bn'), ('cbn', 'gn'), ('cbnw', 'cbn'), ('cbnw', 'bn'),
+         ('cbnn', 'bn'), ('cbn', 'cbnn'))
 
 
 def paired_differences(summary: Dict, tasks) -> Dict:
-    """Per-seed differences (CBN - BN, CBN - GN, CBN-w - CBN, CBN-w - BN)
-    of each task's main metrics, over the seeds both runs have."""
+    """Per-seed differences (:data:`PAIRS`) of each task's main metrics,
+    over the seeds both runs have."""
     out = {}
     for task in tasks:
         for a, b in PAIRS:
             ra, rb = summary.get(f'{task}/{a}'), summary.get(f'{task}/{b}')
-            if ra is None or rb is None or ra['seeds'] != rb['seeds']:
+            if ra is None or rb is None:
+                continue
+            seeds = [s for s in ra['seeds'] if s in rb['seeds']]
+            if not seeds:
                 continue
             for metric in METRICS[task][:2]:
-                diffs = [
-                    x - y for x, y in zip(ra[metric]['values'],
-                                          rb[metric]['values'])
-                ]
+                va = dict(zip(ra['seeds'], ra[metric]['values']))
+                vb = dict(zip(rb['seeds'], rb[metric]['values']))
+                diffs = [va[s] - vb[s] for s in seeds]
                 out[f'{task}: {LABELS[metric]} {NAMES[a]} - {NAMES[b]}'] = \
                     dict(mean=statistics.fmean(diffs),
                          wins=sum(d > 0 for d in diffs),
@@ -318,8 +371,11 @@ def paired_differences(summary: Dict, tasks) -> Dict:
 def tables(summary: Dict, diffs: Dict, tasks, norms) -> str:
     rows = []
     shown = [(task, m) for task in tasks for m in METRICS[task][:2]]
+    most = max(len(e['seeds']) for e in summary.values())
     for norm in norms:
-        row = [NAMES[norm]]
+        fewer = {len(summary[f'{t}/{norm}']['seeds'])
+                 for t in tasks if f'{t}/{norm}' in summary} - {most}
+        row = [NAMES[norm] + (f' ({min(fewer)} seeds)' if fewer else '')]
         for task, metric in shown:
             e = summary.get(f'{task}/{norm}')
             row.append('-' if e is None else
@@ -366,7 +422,7 @@ def plot(summary: Dict, tasks, norms, path: str) -> None:
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4))
     axes = [axes] if len(shown) == 1 else list(axes)
     colors = {'bn': '#4c72b0', 'gn': '#55a868', 'cbn': '#c44e52',
-              'cbnw': '#dd8452'}
+              'cbnw': '#dd8452', 'cbnn': '#8172b3'}
     for ax, (task, metric) in zip(axes, shown):
         for i, norm in enumerate(norms):
             e = summary.get(f'{task}/{norm}')
@@ -377,7 +433,7 @@ def plot(summary: Dict, tasks, norms, path: str) -> None:
                    alpha=0.6, capsize=4)
             ax.plot([i] * len(v['values']), v['values'], 'k.', ms=5)
         ax.set_xticks(range(len(norms)))
-        ax.set_xticklabels([NAMES[n] for n in norms])
+        ax.set_xticklabels([NAMES[n].replace(' ', '\n') for n in norms])
         lows = [min(summary[f'{task}/{n}'][metric]['values']) for n in norms
                 if f'{task}/{n}' in summary]
         highs = [max(summary[f'{task}/{n}'][metric]['values']) for n in norms
@@ -387,7 +443,9 @@ def plot(summary: Dict, tasks, norms, path: str) -> None:
         ax.set_title(f'{"Mask R-CNN" if task == "det" else "FCN"}: '
                      f'{LABELS[metric]}', fontsize=9)
         ax.grid(axis='y', alpha=0.3)
-    n_seeds = max(len(e['seeds']) for e in summary.values())
+    counts = sorted({len(e['seeds']) for e in summary.values()})
+    n_seeds = (str(counts[0]) if len(counts) == 1 else
+               f'{counts[0]}-{counts[-1]}')
     fig.suptitle('Demo data, 2 images per iteration, from scratch '
                  f'(mean ± std over {n_seeds} seeds; dots: seeds)',
                  fontsize=9)
@@ -420,6 +478,13 @@ def main(argv=None) -> Dict:
                         help='also test every BN/CBN run again with its '
                         'norm statistics re-estimated on the training set '
                         f'(batches of {POPULATION_BATCH}; diagnostic)')
+    parser.add_argument('--reuse', metavar='JSON',
+                        help='take the runs an earlier demo_tasks JSON has '
+                        '(same data and mode) instead of training them')
+    parser.add_argument('--finished-only', action='store_true',
+                        help='train nothing: report the runs that are '
+                        'finished or reused (a norm may then have fewer '
+                        'seeds; paired differences use the common seeds)')
     parser.add_argument('--child', nargs=3, metavar=('TASK', 'NORM', 'SEED'),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -446,6 +511,8 @@ def main(argv=None) -> Dict:
         osp.join(args.work_dir, 'data') if args.quick else osp.join(
             ROOT, 'data', 'demo')))
     sizes = demo.QUICK_DATA if args.quick else demo.FULL_DATA
+    args.reused = reused_runs(args.reuse, args.data_seed, sizes, args.quick,
+                              args.threads)
     if not make_demo_data.is_generated(args.data_root, args.data_seed,
                                        **sizes):
         make_demo_data.generate(args.data_root, args.data_seed, **sizes)
@@ -455,14 +522,18 @@ def main(argv=None) -> Dict:
     start = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda j: launch(*j, args), jobs))
+        jobs = [j for j, r in zip(jobs, runs) if r is not None]
+        runs = [r for r in runs if r is not None]
         if args.population:
             # GN has no statistics to re-estimate; CBN-w trains the very
-            # weights CBN does (the option only changes the running stats)
+            # weights CBN does (the option only changes the running stats);
+            # naive CBN is left out to save machine time
             pop_jobs = [j for j in jobs if j[1] in ('bn', 'cbn')]
             pops = pool.map(lambda j: launch(*j, args, population=True),
                             pop_jobs)
             for job, pop in zip(pop_jobs, pops):
-                runs[jobs.index(job)]['population'] = pop
+                if pop is not None:
+                    runs[jobs.index(job)]['population'] = pop
     bad = [(r['task'], r['norm'], r['seed'], k, v) for r in runs
            for k, v in r['metrics'].items() if not math.isfinite(v)]
     if bad:
@@ -488,7 +559,14 @@ def main(argv=None) -> Dict:
             cbnw_options='the CBN configs with --cfg-options '
             'model.<part>.norm_cfg.running_stats_from=window for every '
             'part that has a norm_cfg',
+            cbnn_options='the CBN configs with --cfg-options '
+            'model.<part>.norm_cfg.compensate=False (naive CBN)',
+            reused=args.reuse and osp.relpath(osp.abspath(args.reuse), ROOT),
+            reused_runs=sorted(f'{t}_{n}_seed{s}'
+                               for (t, n, s) in args.reused
+                               if (t, n, s) in jobs),
             images_per_iteration=2,
+            finished_only=args.finished_only,
             population_batch=POPULATION_BATCH if args.population else None),
         wall_seconds=round(time.perf_counter() - start, 1),
         runs=runs,

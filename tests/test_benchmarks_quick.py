@@ -247,3 +247,44 @@ def test_demo_tasks_quick_smoke(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert 'reusing' in again.stdout
+    # --reuse: runs an earlier JSON has are taken from it (here CBN, in a
+    # fresh work dir), the missing ones trained (naive CBN: the CBN config
+    # with compensate=False in every part)
+    work2, out2 = tmp_path / 'work2', tmp_path / 'out2'
+    third = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'demo_tasks.py'),
+         '--quick', '--out', str(out2), '--work-dir', str(work2),
+         '--norms', 'cbn', 'cbnn', '--reuse',
+         str(out / 'demo_tasks_quick.json')],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    with open(out2 / 'demo_tasks_quick.json') as f:
+        data2 = json.load(f)
+    assert data2['config']['reused_runs'] == ['seg_cbn_seed0']
+    assert not (work2 / 'seg_cbn_seed0').exists()
+    by_norm = {r['norm']: r for r in data2['runs']}
+    cbn_first = next(r for r in runs if r['norm'] == 'cbn')
+    assert by_norm['cbn']['metrics'] == cbn_first['metrics']
+    assert by_norm['cbnn']['config'] == 'configs/demo/fcn_r18-d8_cbn_demo.py'
+    dumped = (work2 / 'seg_cbnn_seed0' / 'fcn_r18-d8_cbn_demo.py').read_text()
+    assert dumped.count('compensate=False') == 3
+    assert 'seg: mIoU (%) CBN - naive CBN' in data2['paired_differences']
+    # --finished-only trains nothing: GN (neither finished nor in the JSON)
+    # is left out
+    fourth = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'demo_tasks.py'),
+         '--quick', '--out', str(out2), '--work-dir', str(work2),
+         '--norms', 'gn', 'cbn', 'cbnn', '--finished-only'],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert '[seg_gn_seed0] not run' in fourth.stdout
+    with open(out2 / 'demo_tasks_quick.json') as f:
+        assert sorted(r['norm'] for r in json.load(f)['runs']) == ['cbnn']
+    # an earlier JSON of other data or another mode is refused
+    refused = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'demo_tasks.py'),
+         '--quick', '--out', str(out2), '--work-dir', str(work2),
+         '--norms', 'cbn', '--data-seed', '1', '--reuse',
+         str(out / 'demo_tasks_quick.json')],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and '--reuse' in refused.stderr

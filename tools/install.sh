@@ -23,7 +23,8 @@ pins = {'torch': '2.13.0', 'mmengine': '0.10.7', 'mmcv': '2.1.0',
 for name, version in pins.items():
     assert md.version(name).split('+')[0] == version, name
 for name in ('ftfy', 'regex', 'pytest', 'matplotlib', 'setuptools',
-             'scikit-learn', 'hypothesis', 'seaborn'):
+             'scikit-learn', 'hypothesis', 'seaborn',
+             'scikit-image'):
     md.version(name)
 import setuptools
 assert 77 <= int(setuptools.__version__.split('.')[0]) < 82

@@ -1,0 +1,170 @@
+# Copyright (c) mmcbn contributors. All rights reserved.
+"""The --quick mode of benchmarks/small_batch_photos.py (the small-batch
+study on crops of bundled photographs)."""
+import json
+import math
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+# installed by `make install` (requirements/tests.txt): the photographs
+# come from scikit-image's, scikit-learn's and matplotlib's bundled data
+import matplotlib  # noqa: E402,F401
+import skimage  # noqa: E402,F401
+import sklearn  # noqa: E402,F401
+
+
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('out')
+    env = dict(os.environ, OMP_NUM_THREADS='1', MPLBACKEND='Agg')
+    # a fresh work dir: every run is trained, none reused from earlier ones
+    proc = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'small_batch_photos.py'),
+         '--quick', '--out', str(out), '--work-dir',
+         str(tmp_path_factory.mktemp('work'))],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / 'small_batch_photos_quick.png').stat().st_size > 1000
+    with open(out / 'small_batch_photos_quick.json') as f:
+        return json.load(f), proc.stdout
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_photo_regions_data():
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    from small_batch_photos import load_photo_regions, source_photos
+
+    photos = source_photos()
+    assert len(photos) == 21
+    assert all(a.ndim == 3 and a.shape[2] == 3 and min(a.shape[:2]) >= 64
+               for _, a in photos)
+    x_tr, y_tr, x_te, y_te, names = load_photo_regions(
+        n_train=5, n_test=3, n_photos=3)
+    assert names == [n for n, _ in photos[:3]]
+    assert x_tr.shape == (3 * 4 * 5, 3, 16, 16)
+    assert x_te.shape == (3 * 4 * 3, 3, 16, 16)
+    assert sorted(set(y_tr.tolist())) == list(range(12))
+    assert (y_tr.bincount() == 5).all() and (y_te.bincount() == 3).all()
+    # standardized with the training statistics, per channel
+    assert x_tr.mean((0, 2, 3)).abs().max() < 1e-4
+    assert (x_tr.std((0, 2, 3)) - 1).abs().max() < 1e-4
+    # train and test crops of a region come from different positions
+    for c in range(12):
+        a, b = x_tr[y_tr == c], x_te[y_te == c]
+        assert (a[:, None] - b[None]).flatten(2).abs().amax(2).min() > 0
+    # seeded: the same data twice, other data with another seed
+    again = load_photo_regions(n_train=5, n_test=3, n_photos=3)
+    assert (again[0] == x_tr).all()
+    other = load_photo_regions(data_seed=1, n_train=5, n_test=3, n_photos=3)
+    assert not (other[0] == x_tr).all()
+
+
+def test_small_batch_photos_quick(quick_run):
+    data, stdout = quick_run
+    assert data['benchmark'] == 'small_batch_photos'
+    assert data['config']['quick'] is True
+    summary, runs = data['summary'], data['runs']
+    expected = {f'BN b{b}' for b in (2, 4, 8, 32)} | {
+        'GN b2', 'GN b32', 'naive CBN b2 k8', 'naive CBN b4 k4',
+        'CBN b2 k8', 'CBN b4 k4', 'CBN-w b2 k8',
+        'BN early, CBN late b2 k8', 'digits BN b2', 'digits BN b32',
+        'CBN b2 k8 all burn-in'}
+    assert set(summary) == expected
+    seeds = data['config']['seeds']
+    assert len(seeds) == 2
+    for name, v in summary.items():
+        assert len(v['accs']) == len(seeds)
+        for key in ('acc_mean', 'acc_std', 'acc_pop_mean', 'lr',
+                    'train_loss_last_epoch'):
+            assert finite(v[key]), (name, key)
+        assert 0 <= v['acc_mean'] <= 100
+        # same epochs for every run, lr scaled linearly with the batch
+        n_train = data['config']['train_images'][v['data']]
+        assert v['iterations'] == (n_train // v['batch']) * data[
+            'config']['epochs'], name
+        assert math.isclose(v['lr'], 0.1 * v['batch'] / 32)
+    assert summary['CBN b2 k8']['burnin'] == round(
+        0.25 * summary['CBN b2 k8']['iterations'])
+    assert summary['BN early, CBN late b2 k8']['burnin'] == round(
+        0.5 * summary['CBN b2 k8']['iterations'])
+    assert summary['naive CBN b2 k8']['compensate'] is False
+    assert summary['CBN-w b2 k8']['running_stats_from'] == 'window'
+    assert data['config']['classes'] == {'photos': 40, 'digits': 10}
+
+    # Cross-check 1: a burn-in as long as the schedule is BN throughout,
+    # and the seeds are paired across norms (same initialization, data
+    # order and flips), so this run repeats 'BN b2'.
+    tol = 100.0 / data['config']['test_images']['photos']  # one image
+    for a, b in zip(runs['CBN b2 k8 all burn-in'], runs['BN b2']):
+        assert a['loss_curve'] == pytest.approx(b['loss_curve'], rel=1e-4)
+        assert abs(a['test_acc'] - b['test_acc']) <= tol
+    # Cross-check 2: running_stats_from='window' changes the eval
+    # statistics only, so CBN-w trains CBN's weights: same losses, and the
+    # same accuracy once both get the training set's statistics.
+    for a, b in zip(runs['CBN-w b2 k8'], runs['CBN b2 k8']):
+        assert a['loss_curve'] == pytest.approx(b['loss_curve'], rel=1e-6)
+        assert a['test_acc_population_stats'] == pytest.approx(
+            b['test_acc_population_stats'])
+    # ... while the late switch to CBN does change the training
+    late, cbn = runs['BN early, CBN late b2 k8'], runs['CBN b2 k8']
+    assert any(a['loss_curve'] != b['loss_curve'] for a, b in zip(late, cbn))
+
+    # paired differences: every run against BN at its batch, per seed
+    checks = data['checks']
+    c = checks['CBN b2 k8 - BN b2']
+    d = [x - y for x, y in zip(summary['CBN b2 k8']['accs'],
+                               summary['BN b2']['accs'])]
+    assert c['per_seed'] == pytest.approx(d)
+    assert c['diff'] == pytest.approx(sum(d) / len(d))
+    assert c['seeds_a_better'] == sum(x > 0 for x in d)
+    assert 'digits BN b2 - digits BN b32' in checks
+    assert 'GN b2 - BN b2' in checks
+
+    # Why photos and not digits: image-to-image heterogeneity makes the
+    # statistics of 2 images noisier; averaging 16 images reduces it.
+    noise = data['noise']
+    photos, digits = noise['photos'], noise['digits']
+    assert photos['batch 2']['all']['between_image'] > \
+        2 * digits['batch 2']['all']['between_image']
+    assert photos['batch 2']['all']['mean_noise'] > \
+        digits['batch 2']['all']['mean_noise']
+    for n in (photos, digits):
+        for key in ('mean_noise', 'var_noise'):
+            assert n['batch 16']['all'][key] < n['batch 2']['all'][key]
+    assert '| CBN b2 k8 |' in stdout and 'between-image' in stdout
+    assert 'reused' not in stdout
+
+
+def test_small_batch_photos_resume(tmp_path):
+    """Finished runs are kept in the work dir and taken from there when the
+    same settings run again; other settings train afresh."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', MPLBACKEND='Agg')
+    script = osp.join(ROOT, 'benchmarks', 'small_batch_photos.py')
+
+    def run(*extra):
+        proc = subprocess.run(
+            [sys.executable, script, '--quick', '--out', str(tmp_path),
+             '--work-dir', str(tmp_path / 'work'), '--runs', 'BN b4',
+             'GN b2', *extra],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(tmp_path / 'small_batch_photos_quick.json') as f:
+            return json.load(f), proc.stdout
+
+    first, out1 = run()
+    assert 'reused' not in out1
+    again, out2 = run()
+    assert out2.count('reused from') == 4  # 2 runs x 2 seeds
+    assert again['summary']['GN b2']['accs'] == first['summary']['GN b2'][
+        'accs']
+    _, out3 = run('--base-lr', '0.2')
+    assert 'reused' not in out3
