@@ -89,6 +89,38 @@ def make_norm_factory(kind: str, **kwargs) -> Callable[[int], nn.Module]:
     raise ValueError(kind)
 
 
+# ---------------------------------------------------------------- windows
+def window_entries(model: nn.Module, layer: nn.Module, position: int,
+                   iteration: int, lags: int) -> Dict[int, tuple]:
+    """What ``layer`` would average at ``iteration`` from ``lags`` earlier
+    entries, compensated to the current parameters of ``model``, whatever
+    its burn-in says (the studies keep their layers in burn-in, so that they
+    normalize as BN while recording as CBN).
+
+    Returns:
+        dict: lag -> ``(mean, var, count)`` of every usable entry (``var``
+        repaired, as the layer uses it); ``mmcbn.window_statistics`` at a
+        window of ``lags + 1``.
+    """
+    from mmcbn import producer_parameters
+    binding = layer.bindings[position]
+    if binding is None or binding.status == 'unbound':
+        return {}
+    weight = bias = None
+    if layer.compensate and binding.status == 'bound':
+        weight, bias = producer_parameters(model, binding)
+    history = layer._windows[position].compensated(iteration, lags,
+                                                   binding.key, weight, bias)
+    if history is None:
+        return {}
+    counts = history.count.tolist()
+    return {
+        lag + 1: (history.mean[lag], history.var[lag].clamp(min=0),
+                  history.count[lag])
+        for lag, n in enumerate(counts) if n > 0
+    }
+
+
 # ---------------------------------------------------------------- model
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs, no conv bias, as in ResNet-18)."""
