@@ -301,6 +301,75 @@ def time_fusion(convs, reps, clock):
     return out
 
 
+def time_subsampling(convs, reps, clock, stride=2):
+    """What ``moment_stride`` saves in the d nu / dW products on this
+    device: (a) the exact products; (b) the strided weight-gradient calls
+    ``moment_stride`` makes (``Producer._subsampled``, stride x s); (c) the
+    same, but with the input of 1x1 convs sliced to the used pixels first
+    and a stride-1 call (the same numbers: a 1x1 conv reads one pixel per
+    output position).
+
+    Returns:
+        dict: Median milliseconds of (a), (b), (c) over all convs, the
+        number of 1x1 convs, and the largest relative difference of (c)
+        from (b).
+    """
+    from mmcbn.binding import _conv_weight_grad, _ConvArgs
+    cases = []
+    for x, inp, prod in convs:
+        phase = tuple(min(1, n - 1) for n in x.shape[2:])
+        fx, finp, conv = prod._subsampled(x, inp, stride, phase)
+        one = all(k == 1 for k in prod.weight.shape[2:]) and \
+            not any(prod.padding)
+        sliced = None
+        if one:
+            step = [stride * s for s in prod.stride]
+            sinp = inp[(slice(None), slice(None)) + tuple(
+                slice(p * s, None, st)
+                for p, s, st in zip(phase, prod.stride, step))]
+            sliced = (fx, sinp, _ConvArgs(prod.groups, (1, ) * len(step),
+                                          (0, ) * len(step), prod.dilation))
+        cases.append((x, inp, prod, fx, finp, conv, sliced))
+
+    def exact():
+        for x, inp, prod, *_ in cases:
+            _conv_weight_grad(x, inp, prod.weight.shape, prod)
+
+    def strided():
+        for x, inp, prod, fx, finp, conv, _ in cases:
+            _conv_weight_grad(fx, finp, prod.weight.shape, conv)
+
+    def sliced_1x1():
+        for x, inp, prod, fx, finp, conv, sliced in cases:
+            if sliced is None:
+                _conv_weight_grad(fx, finp, prod.weight.shape, conv)
+            else:
+                _conv_weight_grad(sliced[0], sliced[1], prod.weight.shape,
+                                  sliced[2])
+
+    err = 0.0
+    for x, inp, prod, fx, finp, conv, sliced in cases:
+        if sliced is not None:
+            ref = _conv_weight_grad(fx, finp, prod.weight.shape, conv)
+            got = _conv_weight_grad(sliced[0], sliced[1], prod.weight.shape,
+                                    sliced[2])
+            err = max(err, ((got - ref).norm() /
+                            ref.norm().clamp_min(1e-30)).item())
+    fns = dict(exact=exact, strided=strided, sliced_1x1=sliced_1x1)
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(clock.time(fn))
+    out = {f'{name}_ms': 1e3 * statistics.median(t)
+           for name, t in times.items()}
+    out.update(stride=stride, convs=len(cases),
+               convs_1x1=sum(c[-1] is not None for c in cases),
+               sliced_max_rel_diff=err)
+    return out
+
+
 def run_round_robin(steps, warmups, reps, clock):
     """Median seconds per step of each variant, timed in turn."""
     for name, step in steps.items():
@@ -399,6 +468,8 @@ def main():
                         help='cpu or cuda (CUDA events for timing)')
     parser.add_argument('--variants', nargs='+', default=None,
                         help='ResNet variants to run (BN is always added)')
+    parser.add_argument('--det-reps', type=int, default=None,
+                        help='timed detector steps (default: --reps)')
     parser.add_argument('--no-detector', action='store_true')
     parser.add_argument('--no-memory', action='store_true',
                         help='skip the peak-memory subprocesses')
@@ -459,6 +530,7 @@ def main():
             convs = captured
         print(f'parts of {name} measured', flush=True)
     fusion = time_fusion(convs, reps, clock) if convs else None
+    subsampling = time_subsampling(convs, reps, clock) if convs else None
     del convs
 
     det_rows = []
@@ -468,9 +540,10 @@ def main():
             det_models[name], det_steps[name] = make_detector_step(
                 name, args.det_size, args.device, args.quick)
         # burn-in (3 iterations) + window (4) before timing
+        det_reps = args.det_reps or reps
         det_times = run_round_robin(
             det_steps, {n: 4 if args.quick else 8 for n in det_steps},
-            reps, clock)
+            det_reps, clock)
         det_name = 'Faster R-CNN R50-FPN'
         for name, t in det_times.items():
             row = dict(model=det_name, norm=name, step_ms=1e3 * t,
@@ -487,7 +560,7 @@ def main():
             if DETECTOR[name][0] != 'cbn':
                 continue
             prow, _ = analyse(name, det_name, det_steps, det_times, 'BN',
-                              clock, args, reps, instrumented)
+                              clock, args, det_reps, instrumented)
             prow['window_bytes'] = window_bytes(det_models[name])
             part_rows.append(prow)
 
@@ -504,6 +577,8 @@ def main():
                 prow['overall_ratio']
     if fusion is not None:
         summary['fusion'] = fusion
+    if subsampling is not None:
+        summary['subsampling'] = subsampling
     load_after = load_average()
     result = dict(
         date=time.strftime('%Y-%m-%d'),
@@ -581,6 +656,13 @@ def print_table(result):
               f"{f['floor_separate_ms']:.0f} ms); fused weight-gradient "
               f"call {f['fused_ms']:.0f} ms (product "
               f"{f['floor_fused_ms']:.0f} ms)")
+    f = s.get('subsampling')
+    if f:
+        print(f"d nu/dW products ({f['convs']} convs, {f['convs_1x1']} "
+              f"1x1): exact {f['exact_ms']:.0f} ms; moment_stride="
+              f"{f['stride']} as strided calls {f['strided_ms']:.0f} ms; "
+              f"with 1x1 inputs sliced first {f['sliced_1x1_ms']:.0f} ms "
+              f"(max rel diff {f['sliced_max_rel_diff']:.1e})")
 
 
 def plot(result, path):

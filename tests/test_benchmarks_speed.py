@@ -86,6 +86,10 @@ def test_train_speed_quick(tmp_path):
     assert fusion['fused_max_rel_diff'] < 1e-4
     assert fusion['convs'] == 20
     assert 'fused weight-gradient call' in stdout
+    sub = result['summary']['subsampling']
+    # slicing a 1x1 conv's input first gives the strided call's numbers
+    assert sub['convs'] == 20 and sub['convs_1x1'] > 0
+    assert sub['sliced_max_rel_diff'] < 1e-4
     assert result['device'] == 'cpu' and result['load_before']
 
 
