@@ -43,10 +43,11 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+import mmcbn.binding as binding_module
 import mmcbn.cbn as cbn_module
 import mmcbn.functional as functional
 import mmcbn.window as window_module
-from mmcbn.binding import Binding, _conv_weight_grad
+from mmcbn.binding import Binding, Producer, _conv_weight_grad
 
 PARTS = ('normalization', 'recording', 'compensation')
 #: clock name -> part
@@ -75,17 +76,27 @@ class PartProbe:
         self.capture = capture
         self.norms, self.records, self.pushes, self.comps = [], [], [], []
         self._saved = []
+        self._stack = []
 
     # ------------------------------------------------------------ patching
-    def _timed(self, name, fn, keep=None):
-        clock = self.clock
+    def _timed(self, name, fn, keep=None, detail=False):
+        """``fn`` timed under ``name``; a ``detail`` is named after the
+        timed call it runs in (``'record.make/row_dot'``) and counts in
+        no part total (it is inside one)."""
+        clock, stack = self.clock, self._stack
 
         def wrapped(*args, **kwargs):
             if keep is not None:
                 keep(*args, **kwargs)
+            full = f'{stack[-1] if stack else "-"}/{name}' if detail else \
+                name
+            stack.append(full)
             token = clock.start()
-            out = fn(*args, **kwargs)
-            clock.stop(token, name)
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                clock.stop(token, full)
+                stack.pop()
             return out
 
         return wrapped
@@ -119,6 +130,16 @@ class PartProbe:
             state, 'compensated',
             self._timed('compensation', state.compensated,
                         self._keep_comp if cap else None))
+        # details inside the parts (where the recording and compensation
+        # time goes)
+        for owner, attr in ((Producer, 'patch_mean'),
+                            (Producer, 'moment_weight_grad'),
+                            (binding_module, '_conv_weight_grad'),
+                            (window_module, '_row_dot'),
+                            (window_module, '_group_dot')):
+            self._patch(owner, attr,
+                        self._timed(attr.lstrip('_'), getattr(owner, attr),
+                                    detail=True))
         return self
 
     def __exit__(self, *exc):
@@ -167,15 +188,19 @@ class PartProbe:
 
     # -------------------------------------------------------------- totals
     def step_parts(self):
-        """Seconds and calls of each part in the steps run so far (since
-        the last call); synchronizes the device once."""
+        """Seconds of each part in the steps run so far (since the last
+        call), the calls of each timed function, and the seconds of each
+        timed function and detail; synchronizes the device once."""
         totals = self.clock.totals()
         out = {part: [0.0, 0] for part in PARTS}
-        calls = {}
+        calls, details = {}, {}
         for name, (seconds, n) in totals.items():
+            details[name] = seconds
+            if '/' in name:
+                continue
             out[_PART_OF[name]][0] += seconds
             calls[name] = n
-        return {k: tuple(v) for k, v in out.items()}, calls
+        return {k: tuple(v) for k, v in out.items()}, calls, details
 
 
 def _nbytes(t):
@@ -343,7 +368,8 @@ def part_table(step_extra, replay, in_step, limit=1.2):
     """Per-part numbers of one variant (milliseconds).
 
     Args:
-        step_extra (float): CBN step minus BN step (s), same run.
+        step_extra (float): CBN step minus BN step (s), timed in pairs
+            (a BN step, then an instrumented CBN step).
         replay (dict): :func:`replay_parts` medians (s).
         in_step (dict): part -> seconds inside one step (instrumented).
         limit (float): The issue's goal for part / floor.
@@ -381,3 +407,25 @@ def part_table(step_extra, replay, in_step, limit=1.2):
         # the extra over BN that the floors allow / the extra measured
         extra_efficiency=extra_floor / extra_ms if extra_ms > 0 else None,
         floor_extra_ms=extra_floor)
+
+
+def detail_line(details):
+    """Where recording and compensation spend their time inside a step
+    (milliseconds, from :class:`PartProbe`'s details)."""
+
+    def get(name):
+        return details.get(name, 0.0)
+
+    make, push = get('record.make'), get('record.push')
+    mwg = get('record.make/moment_weight_grad')
+    product = get('record.make/moment_weight_grad/conv_weight_grad')
+    patch = get('record.make/patch_mean')
+    fold = get('record.make/row_dot') + get('record.make/group_dot')
+    comp = get('compensation')
+    read = get('compensation/row_dot') + get('compensation/group_dot')
+    return (f'recording {make + push:.0f} = d nu/dW products '
+            f'{product:.0f} + their scaling/sub-sampling {mwg - product:.0f}'
+            f' + patch mean {patch:.0f} + folding G.W_old {fold:.0f} + '
+            f'other record ops {make - mwg - patch - fold:.0f} + ring write '
+            f'{push:.0f}; compensation {comp:.0f} = G.W_now and '
+            f'pbar.W_now {read:.0f} + lag matching {comp - read:.0f}')

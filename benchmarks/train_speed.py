@@ -48,7 +48,8 @@ from torch import nn  # noqa: E402
 
 import mmcbn  # noqa: E402,F401
 
-from cbn_parts import PARTS, PartProbe, part_table, replay_parts  # noqa
+from cbn_parts import (PARTS, PartProbe, detail_line,  # noqa: E402
+                       part_table, replay_parts)
 from common import (DeviceClock, benchmark_parser, device_name,  # noqa: E402
                     load_average, machine_info)
 
@@ -370,39 +371,67 @@ def time_subsampling(convs, reps, clock, stride=2):
     return out
 
 
-def run_round_robin(steps, warmups, reps, clock):
-    """Median seconds per step of each variant, timed in turn."""
+def run_paired(steps, base, warmups, reps, clock):
+    """Step times of every variant, each step paired with a step of the
+    ``base`` variant just before it (a shared machine's load drifts less
+    between two consecutive steps than over a round of all variants).
+
+    Returns:
+        dict: name -> (median step seconds, median of step / base step,
+        median of step - base step).
+    """
     for name, step in steps.items():
         for _ in range(warmups[name]):
             step()
     times = {name: [] for name in steps}
+    pairs = {name: [] for name in steps if name != base}
     for _ in range(reps):
         for name, step in steps.items():
+            if name == base:
+                times[name].append(clock.time(step))
+                continue
+            first = clock.time(steps[base])
+            times[base].append(first)
             times[name].append(clock.time(step))
-    return {name: statistics.median(t) for name, t in times.items()}
+            pairs[name].append((times[name][-1], first))
+    out = {base: (statistics.median(times[base]), 1.0, 0.0)}
+    for name, p in pairs.items():
+        out[name] = (statistics.median(times[name]),
+                     statistics.median(t / b for t, b in p),
+                     statistics.median(t - b for t, b in p))
+    return out
 
 
-def measure_parts(step, clock, device, reps, instrumented):
-    """Each part of one CBN variant: inside ``instrumented`` real steps
+def measure_parts(step, base_step, clock, device, reps, instrumented):
+    """Each part of one CBN variant: inside ``instrumented`` real steps,
+    each paired with a step of the BN model (``base_step``) just before it
     (medians), and replayed next to its floor (``reps``, round-robin).
 
     Returns:
-        tuple: ``(replay, in_step, calls, info)``.
+        tuple: ``(replay, in_step, paired_extra, calls, info)``.
     """
     per_step = {part: [] for part in PARTS}
+    per_detail = {}
+    extras = []
     calls = None
-    with PartProbe(clock) as probe:
-        for _ in range(instrumented):
-            step()
-            totals, calls = probe.step_parts()
-            for part in PARTS:
-                per_step[part].append(totals[part][0])
+    for _ in range(instrumented):
+        base = clock.time(base_step)
+        with PartProbe(clock) as probe:
+            total = clock.time(step)
+            totals, calls, details = probe.step_parts()
+        extras.append(total - base)
+        for part in PARTS:
+            per_step[part].append(totals[part][0])
+        for name, seconds in details.items():
+            per_detail.setdefault(name, []).append(seconds)
     in_step = {p: statistics.median(v) for p, v in per_step.items()}
+    details = {k: 1e3 * statistics.median(v) for k, v in per_detail.items()}
     with PartProbe(clock, capture=True) as probe:
         step()
     clock.totals()  # drop the capture step's intervals
     replay, info = replay_parts(clock, probe, device, reps)
-    return replay, in_step, calls, info
+    info['in_step_details_ms'] = details
+    return replay, in_step, statistics.median(extras), calls, info
 
 
 def peak_memory(kind, variant, args):
@@ -449,10 +478,11 @@ def measure_memory_child(kind, variant, args):
 def analyse(name, model_name, steps, times, base, clock, args, reps,
             instrumented):
     """The per-part row of one CBN variant (``base``: the BN variant)."""
-    replay, in_step, calls, info = measure_parts(
-        steps[name], clock, args.device, reps, instrumented)
-    row = part_table(times[name] - times[base], replay, in_step, LIMIT)
+    replay, in_step, extra, calls, info = measure_parts(
+        steps[name], steps[base], clock, args.device, reps, instrumented)
+    row = part_table(extra, replay, in_step, LIMIT)
     row.update(model=model_name, norm=name, calls=calls,
+               step_extra_ms=1e3 * times[name][2],
                **{k: v for k, v in info.items() if k != 'convs'})
     return row, info['convs']
 
@@ -480,7 +510,7 @@ def main():
     args.size = 32 if args.quick else 224
     args.det_size = 64 if args.quick else 320
     reps = args.reps or (1 if args.quick else 7)
-    instrumented = 1 if args.quick else 3
+    instrumented = 1 if args.quick else 5
     if args.measure_memory:
         return measure_memory_child(*args.measure_memory, args)
     register_authors()
@@ -501,14 +531,13 @@ def main():
     # warm-up fills every window
     warmups = {name: (2 if args.quick else 2 + NORMS[name].get('window', 1))
                for name in variants}
-    times = run_round_robin(steps, warmups, reps, clock)
-    bn = times['BN']
+    times = run_paired(steps, 'BN', warmups, reps, clock)
     model_name = f'ResNet-{args.depth}'
     rows, part_rows, convs = [], [], None
     for name in variants:
-        row = dict(model=model_name, norm=name, step_ms=1e3 * times[name],
-                   ratio_to_bn=times[name] / bn,
-                   extra_ms=1e3 * (times[name] - bn))
+        step_s, ratio, extra = times[name]
+        row = dict(model=model_name, norm=name, step_ms=1e3 * step_s,
+                   ratio_to_bn=ratio, extra_ms=1e3 * extra)
         model = models[name]
         row['window_state_mb'] = window_bytes(model) / 2**20
         row['window_bytes'] = window_bytes(model)
@@ -541,14 +570,13 @@ def main():
                 name, args.det_size, args.device, args.quick)
         # burn-in (3 iterations) + window (4) before timing
         det_reps = args.det_reps or reps
-        det_times = run_round_robin(
-            det_steps, {n: 4 if args.quick else 8 for n in det_steps},
+        det_times = run_paired(
+            det_steps, 'BN', {n: 4 if args.quick else 8 for n in det_steps},
             det_reps, clock)
         det_name = 'Faster R-CNN R50-FPN'
-        for name, t in det_times.items():
-            row = dict(model=det_name, norm=name, step_ms=1e3 * t,
-                       ratio_to_bn=t / det_times['BN'],
-                       extra_ms=1e3 * (t - det_times['BN']),
+        for name, (step_s, ratio, extra) in det_times.items():
+            row = dict(model=det_name, norm=name, step_ms=1e3 * step_s,
+                       ratio_to_bn=ratio, extra_ms=1e3 * extra,
                        window_state_mb=window_bytes(det_models[name]) / 2**20,
                        window_bytes=window_bytes(det_models[name]),
                        window_bytes_by_buffer=window_bytes_by_buffer(
@@ -567,9 +595,9 @@ def main():
     summary = dict(limit=LIMIT)
     if 'CBN w8' in times and 'authors w8' in times:
         summary['cbn8_extra_over_authors_extra'] = \
-            (times['CBN w8'] - bn) / (times['authors w8'] - bn)
+            times['CBN w8'][2] / times['authors w8'][2]
     if 'CBN w16' in times and 'CBN w2' in times:
-        summary['w16_over_w2'] = times['CBN w16'] / times['CBN w2']
+        summary['w16_over_w2'] = times['CBN w16'][1] / times['CBN w2'][1]
     for prow in part_rows:
         if prow['model'] == model_name and prow['norm'] in ('CBN w4',
                                                             'CBN w8'):
@@ -617,14 +645,14 @@ def print_table(result):
               f"{row.get('peak_mb', float('nan')):.0f} |")
     limit = result['summary']['limit']
     print(f'\nPer part, ms (CBN / floor, x floor; "*" = within {limit}x). '
-          'Parts replayed on the tensors of a real step; "in step" = the '
-          'same parts timed inside real steps.')
-    print('| model | norm | x BN | normalization | recording | '
+          'Parts replayed on the tensors of a real step, next to their '
+          'floors; extra = CBN step - BN step, in pairs of steps; '
+          'everything else = extra - the parts\' extra; "in step" = the '
+          'parts timed inside the real steps.')
+    print('| model | norm | extra (ms) | normalization | recording | '
           'compensation | everything else | parts / floors | floors / '
           'extra | in step: norm / rec / comp / else |')
     print('|---|---|---|---|---|---|---|---|---|---|')
-    steps = {(r['model'], r['norm']): r for r in
-             result['resnet'] + result['detector']}
     for prow in result['parts']:
         p = prow['parts']
         cells = []
@@ -636,12 +664,15 @@ def print_table(result):
         in_step = ' / '.join(
             f"{p[k]['in_step_ms']:.0f}" for k in PARTS + ('everything else',))
         print(f"| {prow['model']} | {prow['norm']} | "
-              f"{steps[(prow['model'], prow['norm'])]['ratio_to_bn']:.2f} | "
-              + ' | '.join(cells) +
+              f"{prow['extra_ms']:.0f} | " + ' | '.join(cells) +
               f" | {p['everything else']['cbn_ms']:.0f} | "
               f"{prow['overall_ratio']:.2f}"
               f"{'*' if prow['overall_within'] else ''} | "
               f"{'' if eff is None else f'{eff:.2f}'} | {in_step} |")
+    print('\nInside the steps (ms):')
+    for prow in result['parts']:
+        print(f"- {prow['model']} {prow['norm']}: "
+              f"{detail_line(prow['in_step_details_ms'])}")
     s = result['summary']
     if 'cbn8_extra_over_authors_extra' in s:
         print(f"CBN w8 extra / authors w8 extra = "
