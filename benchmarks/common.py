@@ -89,6 +89,38 @@ def make_norm_factory(kind: str, **kwargs) -> Callable[[int], nn.Module]:
     raise ValueError(kind)
 
 
+# ---------------------------------------------------------------- windows
+def window_entries(model: nn.Module, layer: nn.Module, position: int,
+                   iteration: int, lags: int) -> Dict[int, tuple]:
+    """What ``layer`` would average at ``iteration`` from ``lags`` earlier
+    entries, compensated to the current parameters of ``model``, whatever
+    its burn-in says (the studies keep their layers in burn-in, so that they
+    normalize as BN while recording as CBN).
+
+    Returns:
+        dict: lag -> ``(mean, var, count)`` of every usable entry (``var``
+        repaired, as the layer uses it); ``mmcbn.window_statistics`` at a
+        window of ``lags + 1``.
+    """
+    from mmcbn import producer_parameters
+    binding = layer.bindings[position]
+    if binding is None or binding.status == 'unbound':
+        return {}
+    weight = bias = None
+    if layer.compensate and binding.status == 'bound':
+        weight, bias = producer_parameters(model, binding)
+    history = layer._windows[position].compensated(iteration, lags,
+                                                   binding.key, weight, bias)
+    if history is None:
+        return {}
+    counts = history.count.tolist()
+    return {
+        lag + 1: (history.mean[lag], history.var[lag].clamp(min=0),
+                  history.count[lag])
+        for lag, n in enumerate(counts) if n > 0
+    }
+
+
 # ---------------------------------------------------------------- model
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs, no conv bias, as in ResNet-18)."""
@@ -254,6 +286,86 @@ def save_png(fig, path: str, dpi: int = 90) -> None:
     img = Image.open(buf).convert('RGB').quantize(colors=128)
     os.makedirs(osp.dirname(path) or '.', exist_ok=True)
     img.save(path, optimize=True)
+
+
+class DeviceClock:
+    """Times work on a device: ``time.perf_counter`` on the CPU, CUDA events
+    on a GPU (the device is synchronized only at the timing boundaries,
+    never inside the timed work).
+
+    ``clock.time(fn)`` returns the seconds ``fn()`` took. For many short
+    intervals inside one piece of work (parts of a training step),
+    ``token = clock.start()`` / ``clock.stop(token, name)`` record them
+    without synchronizing, and ``clock.totals()`` synchronizes once and
+    returns ``{name: (seconds, calls)}``.
+    """
+
+    def __init__(self, device='cpu'):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == 'cuda'
+        self._open = []
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def time(self, fn) -> float:
+        self.sync()
+        start = self._mark()
+        fn()
+        end = self._mark()
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return end - start
+
+    def start(self):
+        return self._mark()
+
+    def stop(self, token, name: str) -> None:
+        self._open.append((name, token, self._mark()))
+
+    def totals(self) -> Dict[str, tuple]:
+        self.sync()
+        out: Dict[str, list] = {}
+        for name, start, end in self._open:
+            seconds = (start.elapsed_time(end) / 1e3 if self.cuda else
+                       end - start)
+            entry = out.setdefault(name, [0.0, 0])
+            entry[0] += seconds
+            entry[1] += 1
+        self._open = []
+        return {k: tuple(v) for k, v in out.items()}
+
+
+def load_average() -> List[float]:
+    """The 1, 5 and 15 minute load averages (empty where unknown)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return []
+
+
+def device_name(device) -> str:
+    """The CPU model or the GPU name, for the tables."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:  # pragma: no cover
+        pass
+    return platform.processor() or platform.machine()
 
 
 class Timer:

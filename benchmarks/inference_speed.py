@@ -13,6 +13,7 @@ load hits them alike; ratios are to the BN model.
 Usage::
 
     python benchmarks/inference_speed.py            # full
+    python benchmarks/inference_speed.py --device cuda   # CUDA events
     python benchmarks/inference_speed.py --quick    # < 1 minute
 """
 import json
@@ -33,7 +34,8 @@ from mmengine.registry import DefaultScope  # noqa: E402
 import mmcbn  # noqa: E402,F401
 from mmcbn.export import export_config  # noqa: E402
 
-from common import benchmark_parser  # noqa: E402
+from common import (DeviceClock, benchmark_parser, device_name,  # noqa: E402
+                    load_average)
 
 MODELS = {
     'Faster R-CNN R50-FPN': (
@@ -44,7 +46,7 @@ MODELS = {
 }
 
 
-def build(scope, cfg):
+def build(scope, cfg, device='cpu'):
     import importlib
     importlib.import_module(f'{scope}.utils').register_all_modules(False)
     registry = importlib.import_module(f'{scope}.registry')
@@ -56,7 +58,9 @@ def build(scope, cfg):
         model_cfg.backbone.init_cfg = None
     with DefaultScope.overwrite_default_scope(scope):
         torch.manual_seed(0)
-        return registry.MODELS.build(model_cfg).eval()
+        model = registry.MODELS.build(model_cfg)
+    # mmengine's BaseModel.to also moves its data preprocessor
+    return model.to(device).eval()
 
 
 def batch_for(scope, size):
@@ -122,7 +126,7 @@ def compare_outputs(a, b, batch):
     return dict(max_abs_diff=diff, values=sum(t.numel() for t in outs[0]))
 
 
-def time_models(models, batch, warmup, reps):
+def time_models(models, batch, warmup, reps, clock):
     with torch.no_grad():
         for model in models.values():
             for _ in range(warmup):
@@ -130,9 +134,8 @@ def time_models(models, batch, warmup, reps):
         times = {name: [] for name in models}
         for _ in range(reps):
             for name, model in models.items():
-                start = time.perf_counter()
-                model.test_step(batch)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(
+                    clock.time(lambda model=model: model.test_step(batch)))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -141,8 +144,13 @@ def main():
         __doc__, 'smoke test of every code path (timings meaningless)')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--reps', type=int, default=None)
+    parser.add_argument('--device', default='cpu',
+                        help='cpu or cuda (CUDA events for timing)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    clock = DeviceClock(device)
+    load_before = load_average()
     size = 64 if args.quick else 512
     reps = args.reps or (2 if args.quick else 15)
     rows, checks = [], {}
@@ -151,24 +159,28 @@ def main():
             norm: Config.fromfile(osp.join(ROOT, pattern.format(norm)))
             for norm in ('cbn', 'bn', 'gn')
         }
-        models = {norm.upper(): build(scope, cfg)
+        models = {norm.upper(): build(scope, cfg, device)
                   for norm, cfg in cfgs.items()}
         set_norm_values(models['CBN'])
         set_norm_values(models['BN'])
-        exported = build(scope, export_config(cfgs['cbn']))
+        exported = build(scope, export_config(cfgs['cbn']), device)
         exported.load_state_dict(models['CBN'].state_dict())
         models['exported'] = exported
         batch = batch_for(scope, size)
         # not timed: the exported model computes what the CBN model does
         checks[name] = compare_outputs(models['CBN'], exported, batch)
-        times = time_models(models, batch, 2, reps)
+        times = time_models(models, batch, 2, reps, clock)
         for norm, t in times.items():
             rows.append(dict(model=name, norm=norm, forward_ms=1e3 * t,
                              ratio_to_bn=t / times['BN']))
     result = dict(
         date=time.strftime('%Y-%m-%d'),
-        machine=f'{os.cpu_count()}-core CPU, torch {torch.__version__}, '
-        f'{args.threads} threads',
+        device=str(device),
+        device_name=device_name(device),
+        load_before=load_before,
+        load_after=load_average(),
+        machine=f'{device_name(device)}, {os.cpu_count()} cores, torch '
+        f'{torch.__version__}, {args.threads} threads',
         input=f'1 x 3 x {size} x {size}, eval mode, test_step', rows=rows,
         exported_vs_cbn=checks)
     os.makedirs(args.out, exist_ok=True)

@@ -53,12 +53,19 @@ from common import (  # noqa: E402
     machine_info,
     make_norm_factory,
     markdown_table,
+    window_entries,
     save_png,
     SmallResNet,
     Timer,
     write_json)
 
 WINDOW = 8
+#: The opt-in fast compensation options, next to exact and naive CBN.
+FAST = {
+    's2': dict(moment_stride=2),
+    'bf16': dict(store_dtype='bfloat16'),
+    's2+bf16': dict(moment_stride=2, store_dtype='bfloat16'),
+}
 
 
 def _stats(x):
@@ -69,6 +76,12 @@ def _stats(x):
 
 def _rel(est, true):
     return (torch.linalg.vector_norm(est - true) /
+            torch.linalg.vector_norm(true).clamp_min(1e-12)).item()
+
+
+def _dev(est, ref, true):
+    """``||est - ref|| / ||true||``: how far an estimate is from another."""
+    return (torch.linalg.vector_norm(est - ref) /
             torch.linalg.vector_norm(true).clamp_min(1e-12)).item()
 
 
@@ -110,14 +123,56 @@ def true_stats(twin, model, convs_twin, x):
 
 
 def layer_compensated(model, layer, t):
-    """What the CBN layer would normalize with at iteration ``t``: a dict
-    lag -> (mean, var), compensated to the current parameters."""
+    """What the CBN layer would normalize with at iteration ``t`` with its
+    full window (it is kept in burn-in): a dict lag -> (mean, var),
+    compensated to the current parameters of ``model``."""
     binding = layer.bindings[0]
     assert binding is not None and binding.status == 'bound', binding
-    from mmcbn import window_statistics
-    out = window_statistics(model, layer, 0, t, lags=layer.capacity)
+    out = window_entries(model, layer, 0, t, WINDOW - 1)
     assert out
     return {lag: (mean, var) for lag, (mean, var, _) in out.items()}
+
+
+class Shadows:
+    """CBN layers with the opt-in fast options, fed the very inputs of the
+    model's layers (a forward hook; their outputs are discarded), so they
+    record the same trajectory as the exact layers, each with its options.
+    Like the model's layers they stay in burn-in (normalize as BN)."""
+
+    def __init__(self, layers, variants):
+        self.layers = {
+            name: [
+                type(layer)(layer.num_features, eps=layer.eps,
+                            window=WINDOW, burnin=10**9, **opts).train()
+                for layer in layers
+            ]
+            for name, opts in variants.items()
+        }
+        #: Record in this iteration (off where no probe will look).
+        self.active = True
+        self.handles = [
+            layer.register_forward_hook(self._hook(i))
+            for i, layer in enumerate(layers)
+        ]
+
+    def _hook(self, i):
+
+        def hook(module, inp, out):
+            if module.training and self.active:
+                for shadows in self.layers.values():
+                    shadows[i](inp[0])
+
+        return hook
+
+    def start_iteration(self, iteration):
+        """As ``mmcbn.set_cbn_iteration`` for the model's layers."""
+        for shadows in self.layers.values():
+            for layer in shadows:
+                layer.start_iteration(iteration)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 def producer_exact(rec, weight_now):
@@ -161,6 +216,7 @@ def run_trajectory(name, args, data, lr, probes, burnin_iter, n_iters):
     convs = [p[1] for p in pairs]
     layers = [p[3] for p in pairs]
     convs_twin = [p[1] for p in conv_norm_pairs(twin)]
+    shadows = Shadows(layers, FAST)
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     opt = torch.optim.SGD([
@@ -200,13 +256,26 @@ def run_trajectory(name, args, data, lr, probes, burnin_iter, n_iters):
                                      _rel(own_v, comp_v))
                     true_m, true_v = truth[li]
                     _, exact_v = producer_exact(rec, convs[li].weight)
-                    records.append(dict(
+                    record = dict(
                         t=t, layer=li, lag=tau,
                         prodexact_var=_rel(exact_v, true_v),
                         naive_mean=_rel(rec['mean'], true_m),
                         naive_var=_rel(rec['var'], true_v),
                         comp_mean=_rel(comp_m, true_m),
-                        comp_var=_rel(comp_v, true_v)))
+                        comp_var=_rel(comp_v, true_v))
+                    for v, fast_layers in shadows.layers.items():
+                        fast_m, fast_v = layer_compensated(
+                            model, fast_layers[li], t)[tau]
+                        # error against the truth, and the deviation from
+                        # exact CBN (the option's own cost), both relative
+                        # to the true statistic
+                        record[f'{v}_mean'] = _rel(fast_m, true_m)
+                        record[f'{v}_var'] = _rel(fast_v, true_v)
+                        record[f'{v}_dev_mean'] = _dev(fast_m, comp_m,
+                                                       true_m)
+                        record[f'{v}_dev_var'] = _dev(fast_v, comp_v,
+                                                      true_v)
+                    records.append(record)
         tap = ConvTap(convs, keep_inputs=True)
         loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
         tap.remove()
@@ -232,7 +301,8 @@ def run_trajectory(name, args, data, lr, probes, burnin_iter, n_iters):
             wchange[li].append(
                 ((w - prev_w[li]).norm() / w.norm()).item())
             prev_w[li] = w.clone()
-    for layer in layers:
+    shadows.remove()
+    for layer in layers + [x for v in shadows.layers.values() for x in v]:
         assert layer.bindings[0].status == 'bound'
     return dict(name=name, lr=lr, iterations=n_iters, burnin_iter=burnin_iter,
                 probes=sorted(probe_set), layer_names=names, records=records,
@@ -240,6 +310,12 @@ def run_trajectory(name, args, data, lr, probes, burnin_iter, n_iters):
                 crosscheck_max_rel=crosscheck, lag0_check_max_rel=lag0_check,
                 loss_first=sum(losses[:10]) / 10,
                 loss_last=sum(losses[-20:]) / 20, seconds=timer())
+
+
+ERROR_COLUMNS = ('naive_mean', 'naive_var', 'comp_mean', 'comp_var',
+                 'prodexact_var') + tuple(
+                     f'{v}_{d}{s}' for v in FAST for d in ('', 'dev_')
+                     for s in ('mean', 'var'))
 
 
 def aggregate(records, key_fn, n_layers=None):
@@ -251,8 +327,7 @@ def aggregate(records, key_fn, n_layers=None):
     for k, rs in sorted(groups.items()):
         out[k] = {
             c: sum(r[c] for r in rs) / len(rs)
-            for c in ('naive_mean', 'naive_var', 'comp_mean', 'comp_var',
-                      'prodexact_var')
+            for c in ERROR_COLUMNS
         }
         out[k]['n'] = len(rs)
         out[k]['ratio_mean'] = out[k]['naive_mean'] / max(
@@ -273,6 +348,25 @@ def regimes(traj, early_max):
     if late:
         out['after burn-in'] = late
     return out
+
+
+def fast_option_tables(by_lag, overall):
+    """Markdown tables of the fast options next to naive and exact CBN:
+    errors against the truth, and deviation from exact CBN, per lag."""
+    rows = [(f'lag {k}', a) for k, a in by_lag.items()]
+    rows.append(('all lags', overall))
+    stats = ('mean', 'var')
+    errors = markdown_table(
+        [''] + [f'{stat}: {c}' for stat in stats
+                for c in ('naive', 'CBN') + tuple(FAST)],
+        [[label] + [f'{a[c]:.4f}' for stat in stats
+                    for c in [f'naive_{stat}', f'comp_{stat}'] +
+                    [f'{v}_{stat}' for v in FAST]] for label, a in rows])
+    deviation = markdown_table(
+        [''] + [f'{stat}: {v}' for stat in stats for v in FAST],
+        [[label] + [f'{a[f"{v}_dev_{stat}"]:.2e}' for stat in stats
+                    for v in FAST] for label, a in rows])
+    return errors, deviation
 
 
 def fmt_row(label, a):
@@ -460,6 +554,18 @@ def main(argv=None):
                        f"iteration (early training)",
                        markdown_table(HEADER, rows)))
 
+    # the fast options next to exact and naive CBN (after burn-in, by lag)
+    for traj in trajs:
+        agg = summary['by_lag'][traj['name']].get('after burn-in')
+        if agg:
+            errors, deviation = fast_option_tables(
+                agg, summary['overall'][traj['name']]['after burn-in'])
+            tables.append((f"{traj['name']}, after burn-in: fast options "
+                           '(relative error vs the truth)', errors))
+            tables.append((f"{traj['name']}, after burn-in: fast options, "
+                           'deviation from exact CBN (||fast - CBN|| / '
+                           '||true||)', deviation))
+
     # target: compensated error >= 5x smaller than naive at every lag after
     # burn-in (on the average over layers and probes).
     target = {}
@@ -477,6 +583,10 @@ def main(argv=None):
                    norm_layers=len(main_t['layer_names'])),
         norm=(f'mmcbn CBN2d(window={WINDOW}) kept in burn-in: normalizes as '
               'BN, records every iteration like CBN'),
+        fast_options={v: opts for v, opts in FAST.items()},
+        fast_note='fast variants are CBN2d layers with those options fed '
+        'the same inputs as the exact layers (same trajectory); '
+        '<v>_dev_* = ||fast - exact CBN|| / ||true||',
         batch=args.batch, optimizer='SGD momentum 0.9, constant lr',
         lrs=[t['lr'] for t in trajs], weight_decay=args.weight_decay,
         iterations=n_iters, burnin_iter=burnin_iter, probes=probes,

@@ -45,9 +45,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from common import (ROOT, Timer, benchmark_parser, machine_info,  # noqa: E402
-                    markdown_table, save_png, write_json)
+                    markdown_table, save_png, window_entries, write_json)
 import stats_error  # noqa: E402
-from stats_error import WINDOW, _rel, _stats, aggregate  # noqa: E402
+from stats_error import (FAST, WINDOW, Shadows, _dev, _rel,  # noqa: E402
+                         _stats, aggregate)
 
 sys.path.insert(0, osp.join(ROOT, 'tools'))
 import demo  # noqa: E402
@@ -131,8 +132,7 @@ def loss_forward(model, data):
 
 
 def run(args):
-    from mmcbn import (cbn_layers, producer_parameters, set_cbn_iteration,
-                       window_statistics)
+    from mmcbn import cbn_layers, producer_parameters, set_cbn_iteration
 
     torch.manual_seed(args.seed)
     model, loader, optim = build(args.data_root)
@@ -147,6 +147,8 @@ def run(args):
         layer.window = 1  # plain BN: every batch its own statistics
     layers = [m for _, m in named]
     twin_layers = [m for _, m in twin_named]
+    # the fast options, fed the same inputs (same trajectory)
+    shadows = Shadows(layers, FAST)
     base_lrs = [g['lr'] for g in optim.optimizer.param_groups]
 
     history = {}
@@ -187,21 +189,31 @@ def run(args):
                         continue  # e.g. a mask head without positives
                     binding = layer.bindings[pos]
                     weight, bias = producer_parameters(model, binding)
-                    comp = window_statistics(model, layer, pos, t,
-                                             lags=layer.capacity)
+                    comp = window_entries(model, layer, pos, t, WINDOW - 1)
                     comp_m, comp_v, _ = comp[tau]
                     true_m, true_v = truth[li][pos]['stats']
                     if true_m.shape != comp_m.shape:
                         continue
                     naive_m, naive_v = rec[li][pos]['stats']
                     _, exact_v = producer_exact(rec[li][pos], weight, bias)
-                    records.append(dict(
+                    record = dict(
                         t=t, layer=depth, lag=tau,
                         naive_mean=_rel(naive_m, true_m),
                         naive_var=_rel(naive_v, true_v),
                         comp_mean=_rel(comp_m, true_m),
                         comp_var=_rel(comp_v, true_v),
-                        prodexact_var=_rel(exact_v, true_v)))
+                        prodexact_var=_rel(exact_v, true_v))
+                    for v, fast_layers in shadows.layers.items():
+                        fast_m, fast_v, _ = window_entries(
+                            model, fast_layers[li], pos, t,
+                            WINDOW - 1)[tau]
+                        record[f'{v}_mean'] = _rel(fast_m, true_m)
+                        record[f'{v}_var'] = _rel(fast_v, true_v)
+                        record[f'{v}_dev_mean'] = _dev(fast_m, comp_m,
+                                                       true_m)
+                        record[f'{v}_dev_var'] = _dev(fast_v, comp_v,
+                                                      true_v)
+                    records.append(record)
         try:
             batch = next(data_iter)
         except StopIteration:
@@ -214,6 +226,9 @@ def run(args):
         for group, lr in zip(optim.optimizer.param_groups, base_lrs):
             group['lr'] = lr * factor
         set_cbn_iteration(model, t)
+        shadows.start_iteration(t)
+        # the fast layers record only where a probe will read them
+        shadows.active = any(0 < p - t < WINDOW for p in args.probes)
         tap = InputTap(layers, keep_producer=True)
         loss = loss_forward(model, data)
         tap.remove()
@@ -377,6 +392,14 @@ def main(argv=None):
         ts = sorted({r['t'] for r in regs[rname]})
         tables.append((f'{rname} (probes t = {ts[0]}..{ts[-1]}, {len(ts)} '
                        'probes)', markdown_table(HEADER, rows)))
+    if 'after burn-in' in summary['by_lag']:
+        errors, deviation = stats_error.fast_option_tables(
+            summary['by_lag']['after burn-in'],
+            summary['overall']['after burn-in'])
+        tables.append(('after burn-in: fast options (relative error vs the '
+                       'truth)', errors))
+        tables.append(('after burn-in: fast options, deviation from exact '
+                       'CBN (||fast - CBN|| / ||true||)', deviation))
     tables.append(('after burn-in, by part of the detector (all lags)',
                    markdown_table(HEADER, [
                        fmt_row(g, v) for g, v in summary['by_group'].items()
@@ -409,6 +432,10 @@ def main(argv=None):
             data=dict(root=osp.relpath(args.data_root, ROOT), **sizes),
             norm=f'CBN window {WINDOW} kept in burn-in (normalizes as BN, '
             'records like CBN)',
+            fast_options={v: opts for v, opts in FAST.items()},
+            fast_note='fast variants are CBN layers with those options fed '
+            'the same inputs as the exact layers (same trajectory); '
+            '<v>_dev_* = ||fast - exact CBN|| / ||true||',
             optimizer='AdamW lr 0.002 wd 0.05, clip 10, linear warm-up '
             f'{args.warmup} iterations',
             iterations=args.iters, burnin_iter=burnin_iter,

@@ -89,6 +89,19 @@ def test_stats_error_quick_smoke(tmp_path):
     assert first['comp_var'] < first['naive_var']
     assert 'target' in data and set(data['target']) == set(names)
     assert '| lag 7 |' in stdout
+    # The fast options, recorded along the same trajectory: they change
+    # only d nu / dW, so their mean is exactly CBN's; bf16 storage moves
+    # the variance by rounding only; sub-sampling does move it.
+    assert set(data['config']['fast_options']) == {'s2', 'bf16', 's2+bf16'}
+    for name in names:
+        fast = summary['overall'][name]['after burn-in']
+        for v in ('s2', 'bf16', 's2+bf16'):
+            for c in ('mean', 'var', 'dev_mean', 'dev_var'):
+                assert finite(fast[f'{v}_{c}']), (v, c)
+            assert fast[f'{v}_dev_mean'] == 0
+        assert 0 < fast['bf16_dev_var'] < 0.01
+        assert fast['s2_dev_var'] > fast['bf16_dev_var']
+    assert 'fast options' in stdout
 
 
 def test_small_batch_quick_smoke(tmp_path):
@@ -171,6 +184,12 @@ def test_stats_error_det_quick_smoke(tmp_path):
     assert late['comp_mean'] < late['naive_mean']
     assert set(data['target']) == {'min_ratio_mean', 'min_ratio_var', 'met'}
     assert '| lag 7 |' in stdout
+    # the fast options along the same trajectory (see the classifier test)
+    for v in ('s2', 'bf16', 's2+bf16'):
+        assert late[f'{v}_dev_mean'] == 0
+        assert finite(late[f'{v}_var']) and finite(late[f'{v}_dev_var'])
+    assert 0 < late['bf16_dev_var'] < 0.01
+    assert 'fast options' in stdout
 
 
 def test_demo_tasks_quick_smoke(tmp_path):

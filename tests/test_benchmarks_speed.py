@@ -8,20 +8,23 @@ could fail: memory accounting, the fused floor's agreement with the
 separate computation, the exported model's outputs.
 """
 import json
+import math
 import os
 import os.path as osp
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
-def run_quick(script, out):
+def run_quick(script, out, *extra):
     proc = subprocess.run(
         [sys.executable, osp.join(ROOT, 'benchmarks', script), '--quick',
-         '--out', str(out)], capture_output=True, text=True, timeout=900,
+         '--out', str(out), *extra], capture_output=True, text=True,
+        timeout=900,
         env=dict(os.environ, OMP_WAIT_POLICY='PASSIVE'))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -34,9 +37,11 @@ def test_train_speed_quick_smoke(tmp_path):
     with open(tmp_path / 'train_speed_quick.json') as f:
         result = json.load(f)
     assert (tmp_path / 'train_speed_quick.png').stat().st_size > 0
+    fast = [f'CBN w{w} {v}' for w in (4, 8) for v in ('s2', 'bf16',
+                                                       's2+bf16')]
     norms = [r['norm'] for r in result['resnet']]
     assert norms == ['BN', 'GN', 'CBN w1', 'CBN w2', 'CBN w4', 'CBN w8',
-                     'CBN w16', 'authors w8']
+                     'CBN w16', 'authors w8'] + fast
     rows = {r['norm']: r for r in result['resnet']}
     assert all(r['step_ms'] > 0 for r in rows.values())
     # exact, load-independent facts: state per stored iteration
@@ -44,21 +49,57 @@ def test_train_speed_quick_smoke(tmp_path):
     assert rows['authors w8']['window_state_per_weight'] >= 2.99
     assert rows['CBN w1']['window_state_mb'] == 0
     assert rows['CBN w8']['peak_mb'] > 0
-    # the window state is window - 1 entries of the same size per layer
-    w2 = rows['CBN w2']['window_state_mb']
-    assert w2 > 0
-    for k in (4, 8, 16):
-        assert rows[f'CBN w{k}']['window_state_mb'] == pytest.approx(
-            (k - 1) * w2, rel=1e-3), k
-    assert result['summary']['floor_products'] == 20  # ResNet-18 convs
-    assert [r['norm'] for r in result['detector']] == ['BN', 'GN', 'CBN']
-    assert 'efficiency at w8' in stdout
+    # bfloat16 storage halves the stored d nu / dW and nothing else;
+    # sub-sampling stores the same
+    for w in (4, 8):
+        exact = rows[f'CBN w{w}']['window_bytes_by_buffer']
+        assert rows[f'CBN w{w} s2']['window_bytes_by_buffer'] == exact
+        for v in ('bf16', 's2+bf16'):
+            half = dict(rows[f'CBN w{w} {v}']['window_bytes_by_buffer'])
+            assert 2 * half.pop('var_grad') == exact['var_grad']
+            assert half == {k: b for k, b in exact.items()
+                            if k != 'var_grad'}
+    assert [r['norm'] for r in result['detector']] == [
+        'BN', 'GN', 'CBN', 'CBN s2+bf16']
+    # every part and its floor, for every CBN variant with a window
+    det = 'Faster R-CNN R50-FPN'
+    parts = {(p['model'], p['norm']): p for p in result['parts']}
+    assert set(parts) == {('ResNet-18', n) for n in norms
+                          if n.startswith('CBN') and n != 'CBN w1'} | {
+                              (det, 'CBN'), (det, 'CBN s2+bf16')}
+    for (model, norm), p in parts.items():
+        for part in ('normalization', 'recording', 'compensation',
+                     'everything else'):
+            for key in ('cbn_ms', 'floor_ms', 'in_step_ms'):
+                assert math.isfinite(p['parts'][part][key]), (norm, part)
+        # in the instrumented step every part ran once per CBN call, and
+        # the replays cover the same calls
+        n, calls = p['norm_calls'], p['calls']
+        assert n > 0 and p['record_calls'] == p['compensation_calls'] == n
+        assert calls == {k: n for k in (
+            'norm.batch_stats', 'norm.forward', 'norm.backward',
+            'record.make', 'record.push', 'compensation')}, (norm, calls)
+        assert p['weight_grad_products'] == n
+        if model == 'ResNet-18':
+            assert n == 20  # ResNet-18's convs
+        # the compensation floor copies exactly the window state, and the
+        # recording floor writes one stored d nu / dW per layer
+        assert p['compensation_floor_bytes'] == p['window_bytes'] > 0
+        if model == 'ResNet-18':
+            window = int(norm.split()[1][1:])
+            assert p['recording_floor_write_bytes'] * (window - 1) == \
+                rows[norm]['window_bytes_by_buffer']['var_grad']
+    assert 'parts / floors' in stdout
     fusion = result['summary']['fusion']
     # one weight-gradient call over [grad, 2x/m] gives both gradients
     assert fusion['fused_max_rel_diff'] < 1e-4
-    assert all(fusion[k] > 0 for k in ('regular_ms', 'separate_ms',
-                                       'fused_ms'))
+    assert fusion['convs'] == 20
     assert 'fused weight-gradient call' in stdout
+    sub = result['summary']['subsampling']
+    # slicing a 1x1 conv's input first gives the strided call's numbers
+    assert sub['convs'] == 20 and sub['convs_1x1'] > 0
+    assert sub['sliced_max_rel_diff'] < 1e-4
+    assert result['device'] == 'cpu' and result['load_before']
 
 
 def test_inference_speed_quick_smoke(tmp_path):
@@ -78,3 +119,38 @@ def test_inference_speed_quick_smoke(tmp_path):
     for name, check in checks.items():
         assert check['values'] > 1000, (name, check)
         assert check['max_abs_diff'] <= 1e-5, (name, check)
+
+
+def test_norm_speed_quick(tmp_path):
+    stdout = run_quick('norm_speed.py', tmp_path)
+    with open(tmp_path / 'norm_speed_quick.json') as f:
+        result = json.load(f)
+    rows = result['rows']
+    # every norm layer of ResNet-18 counted once, each distinct shape once
+    assert result['overall']['layers'] == 20
+    assert sum(r['layers'] for r in rows) == 20
+    assert len({tuple(r['shape']) for r in rows}) == len(rows)
+    for r in rows:
+        for key in ('bn_ms', 'cbn_given_ms', 'cbn_layer_ms', 'ratio_given',
+                    'ratio_layer'):
+            assert math.isfinite(r[key]), (r['shape'], key)
+        assert set(r['passes_ms']) == {
+            'bn_forward', 'bn_backward', 'cbn_batch_stats', 'cbn_normalize',
+            'cbn_backward_reduce', 'cbn_backward_elementwise_1',
+            'cbn_backward_elementwise_2'}
+    # the timed CBN path is the real one: with no history its gradients
+    # are BatchNorm's
+    assert result['check_max_rel'] < 1e-4
+    assert result['budget']['budget'] == 1.15
+    assert 'budget <= 1.15x' in stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason='needs a CUDA GPU (--device cuda)')
+@pytest.mark.parametrize('script', ['train_speed.py', 'inference_speed.py',
+                                    'norm_speed.py'])
+def test_speed_benchmarks_on_cuda(tmp_path, script):
+    run_quick(script, tmp_path, '--device', 'cuda')
+    with open(tmp_path / script.replace('.py', '_quick.json')) as f:
+        result = json.load(f)
+    assert result['device'].startswith('cuda')
