@@ -17,30 +17,12 @@ import sys
 
 import pytest
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from bench_utils import ROOT, finite, run_quick
 
 # installed by `make install` (requirements/tests.txt): the benchmarks use
 # scikit-learn's bundled digits data set and matplotlib for plots
 import matplotlib  # noqa: E402,F401
 import sklearn  # noqa: E402,F401
-
-
-def run_quick(script, tmp_path):
-    out = tmp_path / 'out'
-    env = dict(os.environ, OMP_NUM_THREADS='1', MPLBACKEND='Agg')
-    proc = subprocess.run(
-        [sys.executable, osp.join(ROOT, 'benchmarks', script), '--quick',
-         '--out', str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stem = script[:-3]
-    assert (out / f'{stem}_quick.png').stat().st_size > 1000
-    with open(out / f'{stem}_quick.json') as f:
-        return json.load(f), proc.stdout
-
-
-def finite(x):
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 ERRORS = ('naive_mean', 'naive_var', 'comp_mean', 'comp_var',
@@ -51,7 +33,8 @@ def test_stats_error_quick_smoke(tmp_path):
     """Smoke test of stats_error.py --quick; checks that can fail: the
     layers' numbers agree with a recomputation and a replay, compensation
     beats the naive window and is exact where the input is fixed."""
-    data, stdout = run_quick('stats_error.py', tmp_path)
+    data, stdout = run_quick('stats_error.py', tmp_path / 'out',
+                             timeout=300)
     assert data['benchmark'] == 'stats_error'
     assert data['config']['quick'] is True
     for key in ('date', 'platform', 'torch', 'command'):
@@ -109,7 +92,8 @@ def test_small_batch_quick_smoke(tmp_path):
     noise); the check that can fail: ``running_stats_from='window'`` only
     changes the eval statistics, so those runs train exactly the weights of
     the default runs of the same seed."""
-    data, stdout = run_quick('small_batch.py', tmp_path)
+    data, stdout = run_quick('small_batch.py', tmp_path / 'out',
+                             timeout=300)
     assert data['benchmark'] == 'small_batch'
     assert 'load_digits' in data['config']['dataset']
     summary = data['summary']
@@ -159,7 +143,8 @@ def test_stats_error_det_quick_smoke(tmp_path):
     """Smoke test of stats_error_det.py --quick; checks that can fail: a
     replay reproduces the recorded statistics, compensation is exact for
     the stem and beats the naive window after burn-in."""
-    data, stdout = run_quick('stats_error_det.py', tmp_path)
+    data, stdout = run_quick('stats_error_det.py', tmp_path / 'out',
+                             timeout=300)
     assert data['benchmark'] == 'stats_error_det'
     assert data['config']['quick'] is True
     # Replaying batch 0 at unchanged parameters (with its random state, so

@@ -7,36 +7,18 @@ fields). Each test also checks facts that do not depend on timing and
 could fail: memory accounting, the fused floor's agreement with the
 separate computation, the exported model's outputs.
 """
-import json
 import math
-import os
-import os.path as osp
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-
-
-def run_quick(script, out, *extra):
-    proc = subprocess.run(
-        [sys.executable, osp.join(ROOT, 'benchmarks', script), '--quick',
-         '--out', str(out), *extra], capture_output=True, text=True,
-        timeout=900,
-        env=dict(os.environ, OMP_WAIT_POLICY='PASSIVE'))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+from bench_utils import run_quick
 
 
 def test_train_speed_quick_smoke(tmp_path):
     """Smoke test of train_speed.py --quick; non-timing checks: window
     state per stored entry, its growth with the window, the fused floor."""
-    stdout = run_quick('train_speed.py', tmp_path)
-    with open(tmp_path / 'train_speed_quick.json') as f:
-        result = json.load(f)
-    assert (tmp_path / 'train_speed_quick.png').stat().st_size > 0
+    result, stdout = run_quick('train_speed.py', tmp_path)
     fast = [f'CBN w{w} {v}' for w in (4, 8) for v in ('s2', 'bf16',
                                                        's2+bf16')]
     norms = [r['norm'] for r in result['resnet']]
@@ -106,9 +88,7 @@ def test_inference_speed_quick_smoke(tmp_path):
     """Smoke test of inference_speed.py --quick; the check that can fail:
     the exported (BN) model's raw outputs equal the CBN model's in eval
     mode, for norm layers with non-trivial statistics."""
-    run_quick('inference_speed.py', tmp_path)
-    with open(tmp_path / 'inference_speed_quick.json') as f:
-        result = json.load(f)
+    result, _ = run_quick('inference_speed.py', tmp_path, png=False)
     rows = result['rows']
     models = ('Faster R-CNN R50-FPN', 'PSPNet R50-D8')
     assert {(r['model'], r['norm']) for r in rows} == {
@@ -122,9 +102,7 @@ def test_inference_speed_quick_smoke(tmp_path):
 
 
 def test_norm_speed_quick(tmp_path):
-    stdout = run_quick('norm_speed.py', tmp_path)
-    with open(tmp_path / 'norm_speed_quick.json') as f:
-        result = json.load(f)
+    result, stdout = run_quick('norm_speed.py', tmp_path, png=False)
     rows = result['rows']
     # every norm layer of ResNet-18 counted once, each distinct shape once
     assert result['overall']['layers'] == 20
@@ -150,7 +128,5 @@ def test_norm_speed_quick(tmp_path):
 @pytest.mark.parametrize('script', ['train_speed.py', 'inference_speed.py',
                                     'norm_speed.py'])
 def test_speed_benchmarks_on_cuda(tmp_path, script):
-    run_quick(script, tmp_path, '--device', 'cuda')
-    with open(tmp_path / script.replace('.py', '_quick.json')) as f:
-        result = json.load(f)
+    result, _ = run_quick(script, tmp_path, '--device', 'cuda', png=False)
     assert result['device'].startswith('cuda')

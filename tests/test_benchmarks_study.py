@@ -1,16 +1,13 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
 """The --quick mode of benchmarks/small_batch_photos.py (the small-batch
 study on crops of bundled photographs)."""
-import json
 import math
-import os
 import os.path as osp
-import subprocess
 import sys
 
 import pytest
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from bench_utils import ROOT, finite, run_quick
 
 # installed by `make install` (requirements/tests.txt): the photographs
 # come from scikit-image's, scikit-learn's and matplotlib's bundled data
@@ -21,22 +18,10 @@ import sklearn  # noqa: E402,F401
 
 @pytest.fixture(scope='module')
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp('out')
-    env = dict(os.environ, OMP_NUM_THREADS='1', MPLBACKEND='Agg')
     # a fresh work dir: every run is trained, none reused from earlier ones
-    proc = subprocess.run(
-        [sys.executable, osp.join(ROOT, 'benchmarks', 'small_batch_photos.py'),
-         '--quick', '--out', str(out), '--work-dir',
-         str(tmp_path_factory.mktemp('work'))],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (out / 'small_batch_photos_quick.png').stat().st_size > 1000
-    with open(out / 'small_batch_photos_quick.json') as f:
-        return json.load(f), proc.stdout
-
-
-def finite(x):
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    return run_quick('small_batch_photos.py', tmp_path_factory.mktemp('out'),
+                     '--work-dir', str(tmp_path_factory.mktemp('work')),
+                     timeout=600)
 
 
 def test_photo_regions_data():
@@ -147,18 +132,11 @@ def test_small_batch_photos_quick(quick_run):
 def test_small_batch_photos_resume(tmp_path):
     """Finished runs are kept in the work dir and taken from there when the
     same settings run again; other settings train afresh."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', MPLBACKEND='Agg')
-    script = osp.join(ROOT, 'benchmarks', 'small_batch_photos.py')
 
     def run(*extra):
-        proc = subprocess.run(
-            [sys.executable, script, '--quick', '--out', str(tmp_path),
-             '--work-dir', str(tmp_path / 'work'), '--runs', 'BN b4',
-             'GN b2', *extra],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        with open(tmp_path / 'small_batch_photos_quick.json') as f:
-            return json.load(f), proc.stdout
+        return run_quick('small_batch_photos.py', tmp_path, '--work-dir',
+                         str(tmp_path / 'work'), '--runs', 'BN b4', 'GN b2',
+                         *extra, timeout=300)
 
     first, out1 = run()
     assert 'reused' not in out1

@@ -8,30 +8,16 @@ size of the formula; pooled norms normalize with identical statistics on
 both processes; and the statistics SyncCBN normalizes with are closer to
 the population statistics than those of BN, SyncBN or CBN.
 """
-import json
 import math
-import os
-import os.path as osp
-import subprocess
-import sys
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from bench_utils import run_quick
 
 import matplotlib  # noqa: E402,F401 (the benchmark plots)
 import sklearn  # noqa: E402,F401 (its bundled digits data set)
 
 
 def test_sync_cbn_quick(tmp_path):
-    out = tmp_path / 'out'
-    env = dict(os.environ, OMP_NUM_THREADS='1', MPLBACKEND='Agg')
-    proc = subprocess.run(
-        [sys.executable, osp.join(ROOT, 'benchmarks', 'sync_cbn.py'),
-         '--quick', '--out', str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (out / 'sync_cbn_quick.png').stat().st_size > 1000
-    with open(out / 'sync_cbn_quick.json') as f:
-        data = json.load(f)
+    data, _ = run_quick('sync_cbn.py', tmp_path / 'out')
     assert data['machine']['processes'] == 2
     assert data['machine']['torch_threads'] == 1
     assert len(data['machine']['loadavg_start']) == 3
