@@ -144,17 +144,12 @@ class Case:
         _, save_mean, save_invstd = aten.native_batch_norm(
             x, w, b, None, None, True, 0.0, eps)
         mean, invstd = save_mean, save_invstd
-        ones = torch.ones_like(mean)
-        count = float(x.numel() // x.shape[1]) * (HISTORY + 1)
-        _, sum_dy_xmu, sum_dy = aten.native_batch_norm_backward(
-            g, x, None, None, None, mean, ones, True, 0.0,
-            [False, True, True])
-        scale = w * invstd
-        slope = -scale * invstd.square() * sum_dy_xmu / count
-        offset = -scale * sum_dy / count
-        partial = aten.native_batch_norm(x, slope, offset, mean, ones, False,
-                                         0.0, 0.0)[0]
-        scale_view = channel_view(scale, x)
+        inv_k = 1.0 / (HISTORY + 1)
+        scaled_w = w * inv_k
+        rest = channel_view(w * invstd * (1 - inv_k), x)
+        partial = aten.native_batch_norm_backward(
+            g, x, scaled_w, None, None, mean, invstd, True, 0.0,
+            [True, False, False])[0]
         var = invstd.pow(-2) - eps
         return dict(
             bn_forward=lambda: aten.native_batch_norm(
@@ -165,13 +160,10 @@ class Case:
                 save_invstd, True, eps, [True, True, True]),
             cbn_batch_stats=lambda: batch_stats(x),
             cbn_normalize=lambda: normalize(x, w, b, mean, var, eps),
-            cbn_backward_reduce=lambda: aten.native_batch_norm_backward(
-                g, x, None, None, None, mean, ones, True, 0.0,
-                [False, True, True]),
-            cbn_backward_elementwise_1=lambda: aten.native_batch_norm(
-                x, slope, offset, mean, ones, False, 0.0, 0.0),
-            cbn_backward_elementwise_2=lambda: partial.addcmul_(
-                g, scale_view),
+            cbn_backward_kernel=lambda: aten.native_batch_norm_backward(
+                g, x, scaled_w, None, None, mean, invstd, True, 0.0,
+                [True, True, True]),
+            cbn_backward_elementwise=lambda: partial.addcmul_(g, rest),
         )
 
 

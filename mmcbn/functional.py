@@ -173,6 +173,10 @@ class _WindowNorm(torch.autograd.Function):
                 grad_w = torch.zeros_like(weight) if need_w else None
                 grad_b = torch.zeros_like(weight) if need_b else None
             return (grad_x, grad_w, grad_b) + (None, ) * 7
+        if not x.is_cuda and not source.distributed and \
+                x.dtype == mean_bar.dtype == grad_y.dtype:
+            return _local_cpu_backward(grad_y, x, weight, mean_bar, invstd,
+                                       n_eff, ctx.needs_input_grad[:3])
         if x.is_cuda:
             grad_y = grad_y.contiguous(
                 memory_format=torch.channels_last) if x.is_contiguous(
@@ -201,6 +205,39 @@ class _WindowNorm(torch.autograd.Function):
         if not need_b:
             grad_b = None
         return (grad_x, grad_w, grad_b) + (None, ) * 7
+
+
+def _local_cpu_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
+                        mean: Tensor, invstd: Tensor, n_eff: Tensor,
+                        needs: Tuple[bool, bool, bool]) -> tuple:
+    """The backward of a local window normalization on CPU in two passes.
+
+    With ``K = n_eff / n`` entries of ``n`` samples, the input gradient is
+    ``gamma invstd (g - S_g / (K n) - (x - mean) invstd^2 S_gx / (K n))``.
+    BatchNorm's backward kernel, given ``mean``, ``invstd`` and the weight
+    ``gamma / K``, computes ``1/K`` of it (its sums ``S_g``, ``S_gx`` and
+    the element-wise part in one loop per channel); the rest of the ``g``
+    term, ``(1 - 1/K) gamma invstd g``, is one more pass. The parameter
+    gradients it returns do not depend on the weight passed.
+    """
+    need_x, need_w, need_b = needs
+    n = x.numel() // x.shape[1]
+    inv_k = n / n_eff
+    gamma = invstd.new_ones(invstd.shape) if weight is None else \
+        weight.to(invstd.dtype)
+    has_w = weight is not None
+    grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+        grad_y, x, gamma * inv_k, None, None, mean,
+        invstd, True, 0.0, [need_x, need_w and has_w, need_b and has_w])
+    if need_x:
+        grad_x.addcmul_(grad_y,
+                        channel_view(gamma * invstd * (1 - inv_k), x))
+    else:
+        grad_x = None
+    if has_w:
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(weight.dtype) if need_b else None
+    return (grad_x, grad_w, grad_b) + (None, ) * 7
 
 
 def _input_grad(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
