@@ -37,7 +37,6 @@ Which mmcbn function belongs to which part:
   once, ``G . W_now``, and the lag matching).
 """
 import dataclasses
-import statistics
 from types import SimpleNamespace
 
 import torch
@@ -47,6 +46,7 @@ import mmcbn.binding as binding_module
 import mmcbn.cbn as cbn_module
 import mmcbn.functional as functional
 import mmcbn.window as window_module
+from common import time_round_robin
 from mmcbn.binding import Binding, Producer, _conv_weight_grad
 
 PARTS = ('normalization', 'recording', 'compensation')
@@ -358,14 +358,7 @@ def replay_parts(clock, probe, device, reps, warmup=1):
         tuple: ``(times, info)`` as in :func:`replay_functions`.
     """
     fns, info = replay_functions(probe, device)
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            times[name].append(clock.time(fn))
-    return {k: statistics.median(v) for k, v in times.items()}, info
+    return time_round_robin(clock, fns, reps, warmup), info
 
 
 def part_table(step_extra, replay, in_step, limit=1.2):

@@ -16,6 +16,7 @@ import json
 import os
 import os.path as osp
 import platform
+import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Sequence
@@ -87,38 +88,6 @@ def make_norm_factory(kind: str, **kwargs) -> Callable[[int], nn.Module]:
     if kind == 'cbn':
         return lambda c: CBN2d(c, **kwargs)
     raise ValueError(kind)
-
-
-# ---------------------------------------------------------------- windows
-def window_entries(model: nn.Module, layer: nn.Module, position: int,
-                   iteration: int, lags: int) -> Dict[int, tuple]:
-    """What ``layer`` would average at ``iteration`` from ``lags`` earlier
-    entries, compensated to the current parameters of ``model``, whatever
-    its burn-in says (the studies keep their layers in burn-in, so that they
-    normalize as BN while recording as CBN).
-
-    Returns:
-        dict: lag -> ``(mean, var, count)`` of every usable entry (``var``
-        repaired, as the layer uses it); ``mmcbn.window_statistics`` at a
-        window of ``lags + 1``.
-    """
-    from mmcbn import producer_parameters
-    binding = layer.bindings[position]
-    if binding is None or binding.status == 'unbound':
-        return {}
-    weight = bias = None
-    if layer.compensate and binding.status == 'bound':
-        weight, bias = producer_parameters(model, binding)
-    history = layer._windows[position].compensated(iteration, lags,
-                                                   binding.key, weight, bias)
-    if history is None:
-        return {}
-    counts = history.count.tolist()
-    return {
-        lag + 1: (history.mean[lag], history.var[lag].clamp(min=0),
-                  history.count[lag])
-        for lag, n in enumerate(counts) if n > 0
-    }
 
 
 # ---------------------------------------------------------------- model
@@ -343,6 +312,20 @@ class DeviceClock:
             entry[1] += 1
         self._open = []
         return {k: tuple(v) for k, v in out.items()}
+
+
+def time_round_robin(clock: DeviceClock, fns: Dict[str, Callable],
+                     reps: int, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds of each function, timed in turn (one call of each per
+    round), so that machine load affects them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(clock.time(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def load_average() -> List[float]:

@@ -29,7 +29,6 @@ Usage::
     python benchmarks/norm_speed.py --quick      # smoke test, seconds
 """
 import os.path as osp
-import statistics
 import sys
 from collections import Counter
 
@@ -39,7 +38,8 @@ from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from common import (DeviceClock, benchmark_parser, device_name,  # noqa: E402
-                    load_average, machine_info, markdown_table, write_json)
+                    load_average, machine_info, markdown_table,
+                    time_round_robin, write_json)
 
 from mmcbn.functional import (batch_stats, channel_view,  # noqa: E402
                               normalize, window_norm)
@@ -165,18 +165,6 @@ class Case:
                 [True, True, True]),
             cbn_backward_elementwise=lambda: partial.addcmul_(g, rest),
         )
-
-
-def time_round_robin(clock, fns, reps, warmup=2):
-    """Median seconds of each function, timed in turn."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            times[name].append(clock.time(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None):

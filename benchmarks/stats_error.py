@@ -53,11 +53,12 @@ from common import (  # noqa: E402
     machine_info,
     make_norm_factory,
     markdown_table,
-    window_entries,
     save_png,
     SmallResNet,
     Timer,
     write_json)
+
+from mmcbn import window_statistics  # noqa: E402
 
 WINDOW = 8
 #: The opt-in fast compensation options, next to exact and naive CBN.
@@ -128,7 +129,7 @@ def layer_compensated(model, layer, t):
     compensated to the current parameters of ``model``."""
     binding = layer.bindings[0]
     assert binding is not None and binding.status == 'bound', binding
-    out = window_entries(model, layer, 0, t, WINDOW - 1)
+    out = window_statistics(model, layer, 0, t, lags=WINDOW - 1)
     assert out
     return {lag: (mean, var) for lag, (mean, var, _) in out.items()}
 

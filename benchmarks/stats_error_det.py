@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from common import (ROOT, Timer, benchmark_parser, machine_info,  # noqa: E402
-                    markdown_table, save_png, window_entries, write_json)
+                    markdown_table, save_png, write_json)
 import stats_error  # noqa: E402
 from stats_error import (FAST, WINDOW, Shadows, _dev, _rel,  # noqa: E402
                          _stats, aggregate)
@@ -132,7 +132,8 @@ def loss_forward(model, data):
 
 
 def run(args):
-    from mmcbn import cbn_layers, producer_parameters, set_cbn_iteration
+    from mmcbn import (cbn_layers, producer_parameters, set_cbn_iteration,
+                       window_statistics)
 
     torch.manual_seed(args.seed)
     model, loader, optim = build(args.data_root)
@@ -189,7 +190,8 @@ def run(args):
                         continue  # e.g. a mask head without positives
                     binding = layer.bindings[pos]
                     weight, bias = producer_parameters(model, binding)
-                    comp = window_entries(model, layer, pos, t, WINDOW - 1)
+                    comp = window_statistics(model, layer, pos, t,
+                                             lags=WINDOW - 1)
                     comp_m, comp_v, _ = comp[tau]
                     true_m, true_v = truth[li][pos]['stats']
                     if true_m.shape != comp_m.shape:
@@ -204,9 +206,9 @@ def run(args):
                         comp_var=_rel(comp_v, true_v),
                         prodexact_var=_rel(exact_v, true_v))
                     for v, fast_layers in shadows.layers.items():
-                        fast_m, fast_v, _ = window_entries(
+                        fast_m, fast_v, _ = window_statistics(
                             model, fast_layers[li], pos, t,
-                            WINDOW - 1)[tau]
+                            lags=WINDOW - 1)[tau]
                         record[f'{v}_mean'] = _rel(fast_m, true_m)
                         record[f'{v}_var'] = _rel(fast_v, true_v)
                         record[f'{v}_dev_mean'] = _dev(fast_m, comp_m,
