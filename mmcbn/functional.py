@@ -134,31 +134,25 @@ def window_moments(count: Tensor, mean: Tensor,
 
 
 class _WindowNorm(torch.autograd.Function):
-    """y = weight * (x - mean_bar) / sqrt(var_bar + eps) + bias."""
+    """y = weight * (x - mean_bar) / sqrt(var_bar + eps) + bias.
+
+    The window's statistics come in already combined (no grad): the input
+    gradient flows through the current batch's statistics only, and is
+    BatchNorm's with ``n_eff = K * n`` samples.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor],
-                bias: Optional[Tensor], cur_mean: Tensor, cur_var: Tensor,
-                hist_count: Tensor, hist_mean: Tensor, hist_var: Tensor,
-                eps: float, source: StatsSource):
-        m = x.numel() // x.shape[1] if x.shape[1] else 0
-        count = torch.cat([hist_count.new_full((1, ), m), hist_count])
-        mean = torch.cat([cur_mean.unsqueeze(0), hist_mean])
-        var = torch.cat([cur_var.unsqueeze(0), hist_var])
-        count, mean, var = source.combine(count, mean, var)
-        mean_bar, var_bar, k, keep = window_moments(count, mean, var)
+                bias: Optional[Tensor], mean_bar: Tensor, var_bar: Tensor,
+                n_eff: Tensor, eps: float, source: StatsSource) -> Tensor:
         y = normalize(x, weight, bias, mean_bar, var_bar, eps)
         invstd = torch.rsqrt(var_bar + eps)
-        # the input gradient is BatchNorm's with K * n_0 samples
-        n_eff = k * count[0]
         ctx.save_for_backward(x, weight, mean_bar, invstd, n_eff)
         ctx.source = source
-        ctx.mark_non_differentiable(count, mean, var, keep, mean_bar,
-                                    var_bar, k)
-        return y, count, mean, var, keep, mean_bar, var_bar, k
+        return y
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, *_grad_stats):
+    def backward(ctx, grad_y: Tensor):
         x, weight, mean_bar, invstd, n_eff = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         source = ctx.source
@@ -172,11 +166,12 @@ class _WindowNorm(torch.autograd.Function):
             if weight is not None:
                 grad_w = torch.zeros_like(weight) if need_w else None
                 grad_b = torch.zeros_like(weight) if need_b else None
-            return (grad_x, grad_w, grad_b) + (None, ) * 7
+            return (grad_x, grad_w, grad_b) + (None, ) * 5
         if not x.is_cuda and not source.distributed and \
                 x.dtype == mean_bar.dtype == grad_y.dtype:
             return _local_cpu_backward(grad_y, x, weight, mean_bar, invstd,
-                                       n_eff, ctx.needs_input_grad[:3])
+                                       n_eff, ctx.needs_input_grad[:3]) + \
+                (None, ) * 5
         if x.is_cuda:
             grad_y = grad_y.contiguous(
                 memory_format=torch.channels_last) if x.is_contiguous(
@@ -204,7 +199,7 @@ class _WindowNorm(torch.autograd.Function):
             grad_w = None
         if not need_b:
             grad_b = None
-        return (grad_x, grad_w, grad_b) + (None, ) * 7
+        return (grad_x, grad_w, grad_b) + (None, ) * 5
 
 
 def _local_cpu_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
@@ -237,7 +232,7 @@ def _local_cpu_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
     if has_w:
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(weight.dtype) if need_b else None
-    return (grad_x, grad_w, grad_b) + (None, ) * 7
+    return grad_x, grad_w, grad_b
 
 
 def _input_grad(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
@@ -299,7 +294,15 @@ def window_norm(x: Tensor,
     """
     autocast_off = torch.autocast(device_type=x.device.type, enabled=False)
     with autocast_off:
-        y, *stats = _WindowNorm.apply(x, weight, bias, cur_mean, cur_var,
-                                      hist_count, hist_mean, hist_var, eps,
-                                      source)
-    return y, WindowStats(*stats)
+        with torch.no_grad():
+            m = x.numel() // x.shape[1] if x.shape[1] else 0
+            count = torch.cat([hist_count.new_full((1, ), m), hist_count])
+            mean = torch.cat([cur_mean.unsqueeze(0), hist_mean])
+            var = torch.cat([cur_var.unsqueeze(0), hist_var])
+            count, mean, var = source.combine(count, mean, var)
+            mean_bar, var_bar, k, keep = window_moments(count, mean, var)
+            # the input gradient is BatchNorm's with K * n_0 samples
+            n_eff = k * count[0]
+        y = _WindowNorm.apply(x, weight, bias, mean_bar, var_bar, n_eff, eps,
+                              source)
+    return y, WindowStats(count, mean, var, keep, mean_bar, var_bar, k)
