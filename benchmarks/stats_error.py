@@ -86,6 +86,22 @@ def _dev(est, ref, true):
             torch.linalg.vector_norm(true).clamp_min(1e-12)).item()
 
 
+def fast_errors(variant, fast, comp, true):
+    """A fast option's errors: against the truth, and its deviation from
+    exact CBN (the option's own cost), both relative to the true statistic.
+
+    Args:
+        variant (str): The option's name (a key of :data:`FAST`).
+        fast, comp, true (tuple[Tensor]): ``(mean, var)`` of the option, of
+            exact CBN and the true statistics.
+    """
+    out = {}
+    for i, stat in enumerate(('mean', 'var')):
+        out[f'{variant}_{stat}'] = _rel(fast[i], true[i])
+        out[f'{variant}_dev_{stat}'] = _dev(fast[i], comp[i], true[i])
+    return out
+
+
 class ConvTap:
     """Forward hooks on the convs: their inputs (optional) and outputs."""
 
@@ -265,17 +281,10 @@ def run_trajectory(name, args, data, lr, probes, burnin_iter, n_iters):
                         comp_mean=_rel(comp_m, true_m),
                         comp_var=_rel(comp_v, true_v))
                     for v, fast_layers in shadows.layers.items():
-                        fast_m, fast_v = layer_compensated(
-                            model, fast_layers[li], t)[tau]
-                        # error against the truth, and the deviation from
-                        # exact CBN (the option's own cost), both relative
-                        # to the true statistic
-                        record[f'{v}_mean'] = _rel(fast_m, true_m)
-                        record[f'{v}_var'] = _rel(fast_v, true_v)
-                        record[f'{v}_dev_mean'] = _dev(fast_m, comp_m,
-                                                       true_m)
-                        record[f'{v}_dev_var'] = _dev(fast_v, comp_v,
-                                                      true_v)
+                        fast = layer_compensated(model, fast_layers[li],
+                                                 t)[tau]
+                        record.update(fast_errors(v, fast, (comp_m, comp_v),
+                                                  (true_m, true_v)))
                     records.append(record)
         tap = ConvTap(convs, keep_inputs=True)
         loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])

@@ -47,8 +47,8 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from common import (ROOT, Timer, benchmark_parser, machine_info,  # noqa: E402
                     markdown_table, save_png, write_json)
 import stats_error  # noqa: E402
-from stats_error import (FAST, WINDOW, Shadows, _dev, _rel,  # noqa: E402
-                         _stats, aggregate)
+from stats_error import (FAST, WINDOW, Shadows, _rel,  # noqa: E402
+                         _stats, aggregate, fast_errors)
 
 sys.path.insert(0, osp.join(ROOT, 'tools'))
 import demo  # noqa: E402
@@ -206,15 +206,11 @@ def run(args):
                         comp_var=_rel(comp_v, true_v),
                         prodexact_var=_rel(exact_v, true_v))
                     for v, fast_layers in shadows.layers.items():
-                        fast_m, fast_v, _ = window_statistics(
+                        fast = window_statistics(
                             model, fast_layers[li], pos, t,
-                            lags=WINDOW - 1)[tau]
-                        record[f'{v}_mean'] = _rel(fast_m, true_m)
-                        record[f'{v}_var'] = _rel(fast_v, true_v)
-                        record[f'{v}_dev_mean'] = _dev(fast_m, comp_m,
-                                                       true_m)
-                        record[f'{v}_dev_var'] = _dev(fast_v, comp_v,
-                                                      true_v)
+                            lags=WINDOW - 1)[tau][:2]
+                        record.update(fast_errors(v, fast, (comp_m, comp_v),
+                                                  (true_m, true_v)))
                     records.append(record)
         try:
             batch = next(data_iter)

@@ -54,7 +54,7 @@ import mmcbn  # noqa: E402,F401
 from cbn_parts import (PARTS, PartProbe, detail_line,  # noqa: E402
                        part_table, replay_parts)
 from common import (DeviceClock, benchmark_parser, device_name,  # noqa: E402
-                    load_average, machine_info)
+                    load_average, machine_info, time_round_robin)
 
 NORMS = {
     'BN': dict(type='BN'),
@@ -289,15 +289,9 @@ def time_fusion(convs, reps, clock):
                 err = max(err, ((part - ref).norm() /
                                 ref.norm().clamp_min(1e-30)).item())
     fns = dict(regular=regular, separate=separate, fused=fused)
-    times = {name: [] for name in fns}
     with torch.no_grad():
-        for fn in fns.values():
-            fn()
-        for _ in range(reps):
-            for name, fn in fns.items():
-                times[name].append(clock.time(fn))
-    out = {f'{name}_ms': 1e3 * statistics.median(t)
-           for name, t in times.items()}
+        times = time_round_robin(clock, fns, reps, warmup=1)
+    out = {f'{name}_ms': 1e3 * t for name, t in times.items()}
     out['fused_max_rel_diff'] = err
     out['convs'] = len(cases)
     out['floor_separate_ms'] = out['separate_ms'] - out['regular_ms']
@@ -360,14 +354,8 @@ def time_subsampling(convs, reps, clock, stride=2):
             err = max(err, ((got - ref).norm() /
                             ref.norm().clamp_min(1e-30)).item())
     fns = dict(exact=exact, strided=strided, sliced_1x1=sliced_1x1)
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            times[name].append(clock.time(fn))
-    out = {f'{name}_ms': 1e3 * statistics.median(t)
-           for name, t in times.items()}
+    times = time_round_robin(clock, fns, reps, warmup=1)
+    out = {f'{name}_ms': 1e3 * t for name, t in times.items()}
     out.update(stride=stride, convs=len(cases),
                convs_1x1=sum(c[-1] is not None for c in cases),
                sliced_max_rel_diff=err)
