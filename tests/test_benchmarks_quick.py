@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from bench_utils import ROOT, finite, run_quick
+from script_utils import ROOT, finite, run_quick
 
 # installed by `make install` (requirements/tests.txt): the benchmarks use
 # scikit-learn's bundled digits data set and matplotlib for plots

@@ -1,6 +1,6 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
 """The --quick modes of benchmarks/soak.py and window_state_size.py."""
-from bench_utils import run_quick
+from script_utils import run_quick
 
 
 def test_soak_quick_window_state_is_flat(tmp_path):

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from bench_utils import run_quick
+from script_utils import run_quick
 
 
 def test_train_speed_quick_smoke(tmp_path):

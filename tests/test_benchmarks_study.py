@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bench_utils import ROOT, finite, run_quick
+from script_utils import ROOT, finite, run_quick
 
 # installed by `make install` (requirements/tests.txt): the photographs
 # come from scikit-image's, scikit-learn's and matplotlib's bundled data

@@ -10,7 +10,7 @@ the population statistics than those of BN, SyncBN or CBN.
 """
 import math
 
-from bench_utils import run_quick
+from script_utils import run_quick
 
 import matplotlib  # noqa: E402,F401 (the benchmark plots)
 import sklearn  # noqa: E402,F401 (its bundled digits data set)

@@ -24,34 +24,20 @@ from torch import nn
 
 from mmcbn import (CBN2d, CBNHook, SyncCBN2d, binding_summary, cbn_layers,
                    read_cbn_flags, set_cbn_iteration, window_statistics)
-from tiny_cbn import tiny_config
+from tiny_cbn import TwoBlockNet, tiny_config
 
 LAYERS = {'CBN': CBN2d, 'SyncCBN': SyncCBN2d}
 CL = torch.channels_last
 
 
-class Net(nn.Module):
-    """Two conv + norm blocks (with and without conv bias, a stride)."""
-
-    def __init__(self, norm):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.n1 = norm(8)
-        self.c2 = nn.Conv2d(8, 6, 3, stride=2, padding=1, bias=False)
-        self.n2 = norm(6)
-
-    def forward(self, x):
-        return self.n2(self.c2(F.relu(self.n1(self.c1(x)))))
-
-
 def build(layer='CBN', seed=0, **kw):
     torch.manual_seed(seed)
-    return Net(lambda c: LAYERS[layer](c, **kw))
+    return TwoBlockNet(lambda c: LAYERS[layer](c, **kw))
 
 
 def bn_twin(model):
     torch.manual_seed(0)
-    bn = Net(nn.BatchNorm2d)
+    bn = TwoBlockNet(nn.BatchNorm2d)
     bn.load_state_dict(model.state_dict())  # strict: the same keys
     return bn
 
@@ -206,7 +192,7 @@ def test_synccbn_window_one_is_mmcv_syncbn_outside_distributed():
     batches (built by mmcv's build_norm_layer, as configs do)."""
     def net(cfg):
         torch.manual_seed(0)
-        return Net(lambda c: build_norm_layer(cfg, c)[1])
+        return TwoBlockNet(lambda c: build_norm_layer(cfg, c)[1])
 
     ours = net(dict(type='SyncCBN', window=1))
     theirs = net(dict(type='SyncBN'))

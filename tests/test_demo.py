@@ -20,18 +20,11 @@ import cv2
 import numpy as np
 import pytest
 
+from script_utils import load_tool
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f'_mmcbn_tools_{name}', osp.join(REPO, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_demo_data = _load_tool('make_demo_data')
+make_demo_data = load_tool('make_demo_data')
 
 
 def _files(root):
@@ -264,7 +257,7 @@ def test_resume_continues_iterations(quick_demo, tmp_path, monkeypatch,
 
     monkeypatch.setattr(Runner, 'from_cfg', classmethod(record_runner))
     monkeypatch.setattr(CBNHook, 'after_train_iter', record_iterations)
-    train = _load_tool('train')
+    train = load_tool('train')
     resumed_dir = tmp_path / 'resumed'
     data_root = osp.join(work_dir, 'data', 'seg') + '/'
     train.main([
@@ -372,7 +365,7 @@ def test_stock_test_tool_evaluates_the_exported_model(quick_demo, task,
     config = [f for f in os.listdir(export) if f.endswith('.py')]
     ckpt = [f for f in os.listdir(export) if f.endswith('.pth')]
     assert len(config) == 1 and len(ckpt) == 1, os.listdir(export)
-    demo = _load_tool('demo')
+    demo = load_tool('demo')
     options = demo._data_options(task, summary['data_root'], 'test') + \
         demo._quick_test_options(task, True)
     stock_test = osp.join(

@@ -19,7 +19,6 @@ is compared with the layer's output (float32 tolerances).
   process's own.
 """
 import contextlib
-import importlib.util
 import os
 import os.path as osp
 from collections import defaultdict
@@ -34,6 +33,7 @@ from dist_utils import run_processes
 from mmcbn import binding_report, cbn_layers
 from reference_cbn import (compensated_moments, module_apply, moments,
                            normalize, window_average)
+from script_utils import load_tool
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -138,14 +138,6 @@ def reference_output(producer, calls, t, window, x, weight, bias, eps,
                      bias.double())
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f'_mmcbn_tools_{name}', osp.join(REPO, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def demo_config(data_root, work_dir):
     cfg = Config.fromfile(
         osp.join(REPO, 'configs/demo/mask-rcnn_r18_fpn_cbn_demo.py'))
@@ -176,7 +168,7 @@ CHECKED = (3, 4, 7)  # last burn-in iteration, first after it, a later one
 def demo_run(tmp_path_factory):
     from mmengine.runner import Runner
     root = tmp_path_factory.mktemp('post_burnin_demo')
-    _load_tool('make_demo_data').generate(
+    load_tool('make_demo_data').generate(
         str(root / 'data'), seed=0, num_train=8, num_val=2, size=64,
         verbose=False)
     cfg = demo_config(str(root / 'data' / 'coco') + '/', str(root / 'work'))

@@ -16,6 +16,7 @@ from torch import nn
 
 from dist_utils import run_processes
 from mmcbn import CBN2d, SyncCBN, SyncCBN2d
+from tiny_cbn import TwoBlockNet
 
 STEPS = 12
 CASES = [
@@ -29,25 +30,12 @@ CASES = [
 ]
 
 
-class Net(nn.Module):
-
-    def __init__(self, norm):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.n1 = norm(6)
-        self.c2 = nn.Conv2d(6, 5, 3, stride=2, padding=1, bias=False)
-        self.n2 = norm(5)
-
-    def forward(self, x):
-        return self.n2(self.c2(F.relu(self.n1(self.c1(x)))))
-
-
 def build(case, sync):
     kw = {k: v for k, v in case.items() if k != 'batches'}
     torch.manual_seed(0)
     norm = (lambda c: SyncCBN2d(c, **kw)) if sync else (
         lambda c: CBN2d(c, **kw))
-    return Net(norm).double()
+    return TwoBlockNet(norm, (6, 5)).double()
 
 
 def global_batches(case):
@@ -171,7 +159,7 @@ def test_registered_and_eval_is_batchnorm():
 def _uneven_worker(rank, world, out_dir):
     """Windows and bindings that differ between the processes."""
     torch.manual_seed(0)
-    model = Net(lambda c: SyncCBN2d(c, window=4))
+    model = TwoBlockNet(lambda c: SyncCBN2d(c, window=4), (6, 5))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(rank)
     stats = []

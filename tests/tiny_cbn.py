@@ -1,5 +1,6 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
-"""A tiny CBN model, dataset and probe hook for runner-level tests.
+"""Tiny models (a plain two-block net, and a CBN model, dataset and probe
+hook for runner-level tests).
 
 Registered in mmengine's root registries, so configs (and the processes
 torchrun starts) can use them with ``custom_imports=['tiny_cbn']``.
@@ -18,6 +19,22 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mmcbn import cbn_layers
+
+
+class TwoBlockNet(nn.Module):
+    """Two conv + norm blocks (with and without conv bias, a stride), the
+    norm layers built by ``norm(channels)``."""
+
+    def __init__(self, norm, widths=(8, 6)):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.n1 = norm(widths[0])
+        self.c2 = nn.Conv2d(widths[0], widths[1], 3, stride=2, padding=1,
+                            bias=False)
+        self.n2 = norm(widths[1])
+
+    def forward(self, x):
+        return self.n2(self.c2(torch.relu(self.n1(self.c1(x)))))
 
 
 @MODELS.register_module()

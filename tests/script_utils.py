@@ -1,11 +1,14 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
-"""Running a benchmark script's ``--quick`` mode from a test."""
+"""Running the project's scripts from a test: a benchmark's ``--quick``
+mode, or a tool loaded as a module."""
+import importlib.util
 import json
 import math
 import os
 import os.path as osp
 import subprocess
 import sys
+from types import ModuleType
 from typing import Any, Optional, Tuple
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -50,3 +53,12 @@ def run_quick(script: str,
         return None, proc.stdout
     with open(stem + '.json') as f:
         return json.load(f), proc.stdout
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` loaded as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        f'_mmcbn_tools_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
