@@ -55,3 +55,13 @@ def run_processes(fn, world_size=2, args=(), timeout=300):
         raise AssertionError(f'rank {rank} failed:\n{text}')
     codes = [p.exitcode for p in procs]
     assert codes == [0] * world_size, codes
+
+
+def run_and_load(fn, out_dir, world_size=2, timeout=600):
+    """Run ``fn(rank, world_size, out_dir)`` in ``world_size`` gloo
+    processes; each saves its results to ``<out_dir>/rank<r>.pt``. Returns
+    them, rank by rank."""
+    import torch
+    run_processes(fn, world_size, (str(out_dir), ), timeout=timeout)
+    return [torch.load(os.path.join(str(out_dir), f'rank{r}.pt'))
+            for r in range(world_size)]

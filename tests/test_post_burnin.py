@@ -29,7 +29,7 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from torch import nn
 
-from dist_utils import run_processes
+from dist_utils import run_and_load
 from mmcbn import binding_report, cbn_layers
 from reference_cbn import (compensated_moments, module_apply, moments,
                            normalize, window_average)
@@ -283,8 +283,7 @@ def _dist_worker(rank, world, out_dir):
 @pytest.fixture(scope='module')
 def dist_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp('post_burnin_dist')
-    run_processes(_dist_worker, 2, (str(out), ), timeout=600)
-    return [torch.load(str(out / f'rank{r}.pt')) for r in (0, 1)]
+    return run_and_load(_dist_worker, out)
 
 
 def gathered_calls(ranks, producer):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_utils import run_processes
+from dist_utils import run_and_load, run_processes
 from mmcbn import CBN2d, SyncCBN, SyncCBN2d
 from tiny_cbn import TwoBlockNet
 
@@ -86,8 +86,7 @@ def _worker(rank, world, out_dir):
 @pytest.fixture(scope='module')
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp('sync_cbn')
-    run_processes(_worker, 2, (str(out), ), timeout=600)
-    return [torch.load(str(out / f'rank{r}.pt')) for r in (0, 1)]
+    return run_and_load(_worker, out)
 
 
 @pytest.mark.parametrize('index', range(len(CASES)),

@@ -149,6 +149,14 @@ def loss_of(outs):
                 .view_as(o)).sum() + torch.sin(3 * o).mean() for o in outs)
 
 
+def train_step(*pairs):
+    """One SGD step of each ``(optimizer, outputs)`` pair on ``loss_of``."""
+    for opt, outs in pairs:
+        opt.zero_grad()
+        loss_of(outs).backward()
+        opt.step()
+
+
 def test_varying_calls_per_iteration_match_reference():
     ours, ref = shared_pair(window=4)
     opt_ours = sgd(ours.parameters())
@@ -165,10 +173,7 @@ def test_varying_calls_per_iteration_match_reference():
                 a, b, rtol=1e-9, atol=1e-9,
                 msg=lambda m: f'iteration {it}, call {p}: {m}')
             ref_outputs[(it, p)] = b.detach()
-        for opt, outs in ((opt_ours, out_ours), (opt_ref, out_ref)):
-            opt.zero_grad()
-            loss_of(outs).backward()
-            opt.step()
+        train_step((opt_ours, out_ours), (opt_ref, out_ref))
     torch.testing.assert_close(ours.norm.running_var, ref.running_var,
                                rtol=1e-9, atol=1e-9)
     assert len(ours.norm._windows) == max(CALLS)
@@ -177,9 +182,7 @@ def test_varying_calls_per_iteration_match_reference():
     opt = sgd(trapped.parameters())
     for it, calls in enumerate(CALLS[:4]):
         outs = trapped(levels_of(it, calls))
-        opt.zero_grad()
-        loss_of(outs).backward()
-        opt.step()
+        train_step((opt, outs))
     assert (outs[0] - ref_outputs[(3, 0)]).abs().max() > 1e-3
 
 
@@ -197,10 +200,7 @@ def test_reset_window_matches_reference_reset():
         a, b = ours(x), ref(x)
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9,
                                    msg=lambda m: f'iteration {it}: {m}')
-        for opt, out in ((opt_ours, a), (opt_ref, b)):
-            opt.zero_grad()
-            loss_of([out]).backward()
-            opt.step()
+        train_step((opt_ours, [a]), (opt_ref, [b]))
 
 
 def test_producer_change_matches_reference_restart():
@@ -233,7 +233,4 @@ def test_producer_change_matches_reference_restart():
         out_ref = refs[name](x)
         torch.testing.assert_close(out, out_ref, rtol=1e-9, atol=1e-9,
                                    msg=lambda m: f'iteration {it}: {m}')
-        for o, out_ in ((opt, out), (opt_ref, out_ref)):
-            o.zero_grad()
-            loss_of([out_]).backward()
-            o.step()
+        train_step((opt, [out]), (opt_ref, [out_ref]))
