@@ -46,6 +46,12 @@ class Producer:
     node: object = field(repr=False)
     #: The weight parameter itself (None for a computed weight).
     weight_param: Optional[Tensor] = field(default=None, repr=False)
+    #: The live (not detached) weight and bias the producer used, where
+    #: trainable: the window gradient (``window_grad``) flows into them. A
+    #: computed weight (weight standardization) is the saved tensor, so
+    #: its gradient reaches the parameters it was computed from.
+    live_weight: Optional[Tensor] = field(default=None, repr=False)
+    live_bias: Optional[Tensor] = field(default=None, repr=False)
     groups: int = 1
     stride: Tuple[int, ...] = ()
     padding: Tuple[int, ...] = ()
@@ -237,10 +243,12 @@ def _conv_binding(node) -> Binding:
             'unbound', reason='a convolution whose bias is computed, not a '
             'parameter')
     weight_id = _param_id(weight)
+    live_weight = weight
     if weight is _NOT_A_LEAF:
         # An effective weight (e.g. weight standardization): the output is
         # still linear in it, so compensate with respect to its value.
-        weight = node._saved_weight.detach()
+        live_weight = node._saved_weight
+        weight = live_weight.detach()
         weight_id = None
     saved_w = node._saved_weight
     nd = saved_w.dim() - 2
@@ -262,6 +270,8 @@ def _conv_binding(node) -> Binding:
         bias=None if bias is None else bias.detach(),
         node=node,
         weight_param=None if weight_id is None else weight,
+        live_weight=live_weight,
+        live_bias=bias,
         groups=groups,
         stride=tuple(node._saved_stride),
         padding=tuple(node._saved_padding),
@@ -301,7 +311,9 @@ def _linear_binding(node) -> Binding:
         weight=None if weight is None else weight.detach(),
         bias=None if bias is None else bias.detach(),
         node=node,
-        weight_param=weight)
+        weight_param=weight,
+        live_weight=weight,
+        live_bias=bias)
     return Binding('bound' if producer.trainable else 'frozen', producer)
 
 

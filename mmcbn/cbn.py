@@ -23,11 +23,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .binding import Binding, BindingInfo, find_producer, in_backward
-from .functional import (batch_norm_with_stats, batch_stats, stats_dtype,
-                         window_norm)
+from .functional import (WindowGrad, batch_norm_with_stats, batch_stats,
+                         stats_dtype, window_norm)
 from .health import DROPPED, NOT_STORED, NUM_FLAGS, SKIPPED, observe
 from .stats_source import LOCAL, StatsSource
-from .window import WindowState, empty_history, make_record
+from .window import (WindowState, empty_history, make_record,
+                     window_grad_terms)
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -112,6 +113,18 @@ class _CrossIterationBatchNorm:
             memory and compensation traffic; the arithmetic stays in
             float32. None keeps the statistics dtype (exact). Defaults to
             None.
+        window_grad (bool): The backward rule (method note, "Gradients").
+            True (the window rule): the gradient of the window statistics
+            also flows into the producer's current weight and bias through
+            every compensated past entry (their Taylor terms are explicit
+            functions of them), which keeps the layer invariant to the
+            scale and shift of the producer's weights, as BatchNorm is.
+            False: the authors' rule, past entries are constants (for
+            reproducing the paper; training can stall at small batches).
+            None follows ``compensate``: the window rule for CBN, constant
+            entries for naive CBN. ``compensate=False, window_grad=True``
+            keeps the naive values but lets the gradient flow as if they
+            were compensated (an ablation). Defaults to None.
     """
 
     _abbr_ = 'bn'
@@ -130,6 +143,7 @@ class _CrossIterationBatchNorm:
                  running_stats_from: str = 'batch',
                  moment_stride: int = 1,
                  store_dtype: Optional[str] = None,
+                 window_grad: Optional[bool] = None,
                  device=None,
                  dtype=None) -> None:
         if not _is_number(eps) or eps <= 0:
@@ -163,6 +177,10 @@ class _CrossIterationBatchNorm:
                 'CBN store_dtype must be None, \'bfloat16\' or '
                 f"'float16', got {store_dtype!r}")
         self.store_dtype = store_dtype
+        if window_grad is not None and not isinstance(window_grad, bool):
+            raise ValueError('CBN window_grad must be True, False or None, '
+                             f'got {window_grad!r}')
+        self.window_grad = compensate if window_grad is None else window_grad
         self.burnin = burnin
         self.burnin_by_epoch = burnin_by_epoch
         self.compensate = compensate
@@ -362,7 +380,8 @@ class _CrossIterationBatchNorm:
         else:
             mean_t, var_t = batch_stats(x)
             history = history or empty_history(lags, mean_t)
-            y, stats = self._window_norm(x, mean_t, var_t, history, source)
+            y, stats = self._window_norm(x, mean_t, var_t, history, source,
+                                         binding)
         if bound and m > 0:
             self._record(x, binding, position, iteration, mean_t, var_t)
         if self._monitor and self.capacity > 0:
@@ -395,12 +414,14 @@ class _CrossIterationBatchNorm:
             cycle=iteration // self.cycle_length)
 
     def _window_norm(self, x: Tensor, mean_t: Tensor, var_t: Tensor,
-                     history, source: StatsSource):
+                     history, source: StatsSource,
+                     binding: Optional[Binding] = None):
         """Normalize with the window's statistics; update the running ones
         from what the source combined."""
         y, stats = window_norm(x, self.weight, self.bias, mean_t, var_t,
                                history.count, history.mean, history.var,
-                               self.eps, source)
+                               self.eps, source,
+                               self._window_grad(history, binding))
         if self.running_stats_from == 'window':
             self._update_running_stats(
                 stats.mean_bar, stats.var_bar,
@@ -411,6 +432,26 @@ class _CrossIterationBatchNorm:
         self._flag(DROPPED, history.dropped)
         return y, stats
 
+    def _window_grad(self, history, binding: Optional[Binding]
+                     ) -> Optional[WindowGrad]:
+        """Where the window gradient goes, or None (the authors' rule, no
+        past entry, or no trainable producer)."""
+        if not self.window_grad or history.match is None or \
+                binding is None or binding.status != 'bound':
+            return None
+        prod = binding.producer
+        weight, bias = prod.live_weight, prod.live_bias
+        if not ((weight is not None and weight.requires_grad) or
+                (bias is not None and bias.requires_grad)):
+            return None
+        slots, match = history.slots, history.match
+
+        def terms(lag_weight, lag_mean, lag_pos, mean_bar, need_weight):
+            return window_grad_terms(slots, match, lag_weight, lag_mean,
+                                     lag_pos, mean_bar, need_weight)
+
+        return WindowGrad(weight, bias, terms)
+
     @torch.no_grad()
     def _record(self, x: Tensor, binding: Binding, position: int,
                 iteration: int, mean_t: Tensor, var_t: Tensor) -> None:
@@ -420,7 +461,8 @@ class _CrossIterationBatchNorm:
             _phase(iteration, position, d, stride)
             for d in range(x.dim() - 2)) if stride > 1 else ()
         record = make_record(binding, x.detach().to(stats_dtype(x)), mean_t,
-                             var_t, self.compensate, stride, phase)
+                             var_t, self.compensate, stride, phase,
+                             derivatives=self.window_grad)
         ok = self._windows[position].push(iteration, binding.key, record,
                                           x.numel() // x.shape[1],
                                           iteration // self.cycle_length)
@@ -577,6 +619,8 @@ class _CrossIterationBatchNorm:
             extra.append(f'moment_stride={self.moment_stride}')
         if self.store_dtype is not None:
             extra.append(f'store_dtype={self.store_dtype!r}')
+        if self.window_grad != self.compensate:
+            extra.append(f'window_grad={self.window_grad}')
         return (f'{super().extra_repr()}, window={self.window}, '
                 f'burnin={self.burnin}{unit}, compensate={self.compensate}' +
                 ''.join(', ' + e for e in extra))

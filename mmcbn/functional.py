@@ -18,17 +18,20 @@ Where the entries come from is a *statistics source* (:mod:`.stats_source`):
 this process alone (CBN) or all processes (SyncCBN), combined exactly from
 ``(n, n mu, n nu)`` sums before the repair and the average.
 
-Gradients flow through the current entry only. Since
+The input gradient flows through the current entry only. Since
 ``d mu_bar / d x_i = 1 / (K n_0)`` and ``d var_bar / d x_i =
-2 (x_i - mu_bar) / (K n_0)``, the input gradient is BatchNorm's with mean
-``mu_bar``, inverse std ``(var_bar + eps)^-1/2`` and sample count
-``K n_0``. So the forward and backward run BatchNorm's own kernels with
-given statistics: ``native_batch_norm`` in eval form for the output, and on
-CUDA the kernels ``SyncBatchNorm`` uses (``batch_norm_stats``,
-``batch_norm_backward_reduce``, ``batch_norm_backward_elemt``).
-No step converts a tensor to a Python value.
+2 (x_i - mu_bar) / (K n_0)``, it is BatchNorm's with mean ``mu_bar``,
+inverse std ``(var_bar + eps)^-1/2`` and sample count ``K n_0``. So the
+forward and backward run BatchNorm's own kernels with given statistics:
+``native_batch_norm`` in eval form for the output, and on CUDA the kernels
+``SyncBatchNorm`` uses (``batch_norm_stats``, ``batch_norm_backward_reduce``,
+``batch_norm_backward_elemt``). With the window rule (:class:`WindowGrad`,
+method note "Gradients") the same backward also sends the gradients of
+``mu_bar`` and ``var_bar``, in closed form, into the producer's current
+parameters through the past entries. No step converts a tensor to a Python
+value.
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -133,45 +136,77 @@ def window_moments(count: Tensor, mean: Tensor,
     return mean_bar, var_bar, k, keep
 
 
+class WindowGrad(NamedTuple):
+    """Where the window gradient goes (``window_grad=True``).
+
+    ``weight``/``bias`` are the producer's live parameters (None where
+    frozen or absent); ``terms`` builds the closed form
+    (:class:`mmcbn.window.WindowGradTerms`) from the combined entries:
+    ``terms(lag_weight, lag_mean, lag_pos, mean_bar, need_weight)``.
+    """
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    terms: Callable
+
+
 class _WindowNorm(torch.autograd.Function):
     """y = weight * (x - mean_bar) / sqrt(var_bar + eps) + bias.
 
     The window's statistics come in already combined (no grad): the input
     gradient flows through the current batch's statistics only, and is
-    BatchNorm's with ``n_eff = K * n`` samples.
+    BatchNorm's with ``n_eff = K * n`` samples. With the window gradient
+    (``terms`` given) the gradients ``gM = dL/dmean_bar = -gamma invstd
+    sum g`` and ``gV = dL/dvar_bar = -gamma invstd^3 sum g (x - mean_bar)
+    / 2`` also flow, in closed form, into the producer's parameters
+    ``prod_weight``/``prod_bias`` through the past entries.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor],
                 bias: Optional[Tensor], mean_bar: Tensor, var_bar: Tensor,
-                n_eff: Tensor, eps: float, source: StatsSource) -> Tensor:
+                n_eff: Tensor, eps: float, source: StatsSource,
+                prod_weight: Optional[Tensor], prod_bias: Optional[Tensor],
+                terms=None) -> Tensor:
         y = normalize(x, weight, bias, mean_bar, var_bar, eps)
         invstd = torch.rsqrt(var_bar + eps)
         ctx.save_for_backward(x, weight, mean_bar, invstd, n_eff)
         ctx.source = source
+        ctx.terms = terms
+        ctx.prod_shapes = (None if prod_weight is None else
+                           (prod_weight.shape, prod_weight.dtype),
+                           None if prod_bias is None else prod_bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, weight, mean_bar, invstd, n_eff = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_pw, need_pb = ctx.needs_input_grad[8:10]
+        terms = ctx.terms if (need_pw or need_pb) else None
         source = ctx.source
         channels = x.shape[1]
         grad_x = grad_w = grad_b = None
         if x.numel() == 0:
             # nothing local to reduce; still take part in the collective
+            sums = None
             if need_x:
-                source.sum_grad(mean_bar.new_zeros(2 * channels))
+                sums = source.sum_grad(mean_bar.new_zeros(2 * channels))
                 grad_x = torch.zeros_like(x)
             if weight is not None:
                 grad_w = torch.zeros_like(weight) if need_w else None
                 grad_b = torch.zeros_like(weight) if need_b else None
-            return (grad_x, grad_w, grad_b) + (None, ) * 5
+            return (grad_x, grad_w, grad_b) + (None, ) * 5 + \
+                _window_param_grads(ctx, terms, weight, invstd, sums)
         if not x.is_cuda and not source.distributed and \
                 x.dtype == mean_bar.dtype == grad_y.dtype:
-            return _local_cpu_backward(grad_y, x, weight, mean_bar, invstd,
-                                       n_eff, ctx.needs_input_grad[:3]) + \
-                (None, ) * 5
+            *grads, sum_dy, sum_dy_xmu = _local_cpu_backward(
+                grad_y, x, weight, mean_bar, invstd, n_eff,
+                ctx.needs_input_grad[:3], terms is not None)
+            sums = None if terms is None else torch.cat([sum_dy, sum_dy_xmu])
+            return tuple(grads) + (None, ) * 5 + _window_param_grads(
+                ctx, terms, weight, invstd, sums)
+        sums = None
         if x.is_cuda:
             grad_y = grad_y.contiguous(
                 memory_format=torch.channels_last) if x.is_contiguous(
@@ -179,7 +214,8 @@ class _WindowNorm(torch.autograd.Function):
                 grad_y.contiguous()
             sum_dy, sum_dy_xmu, grad_w, grad_b = \
                 torch.batch_norm_backward_reduce(
-                    grad_y, x, mean_bar, invstd, weight, need_x,
+                    grad_y, x, mean_bar, invstd, weight,
+                    need_x or terms is not None,
                     need_w and weight is not None,
                     need_b and weight is not None)
         else:
@@ -195,16 +231,46 @@ class _WindowNorm(torch.autograd.Function):
             sum_dy, sum_dy_xmu = sums[:channels], sums[channels:]
             grad_x = _input_grad(grad_y, x, weight, mean_bar, invstd, sum_dy,
                                  sum_dy_xmu, n_eff)
+        elif terms is not None:  # (the producer's output needs no grad)
+            sums = torch.cat([sum_dy, sum_dy_xmu])
         if not need_w:
             grad_w = None
         if not need_b:
             grad_b = None
-        return (grad_x, grad_w, grad_b) + (None, ) * 5
+        return (grad_x, grad_w, grad_b) + (None, ) * 5 + \
+            _window_param_grads(ctx, terms, weight, invstd, sums)
+
+
+def _window_param_grads(ctx, terms, weight: Optional[Tensor],
+                        invstd: Tensor, sums: Optional[Tensor]) -> tuple:
+    """The window gradient into the producer's weight and bias (and None
+    for ``terms``), from the (combined) sums ``[sum g, sum g (x -
+    mean_bar)]``."""
+    if terms is None or sums is None:
+        return (None, None, None)
+    channels = invstd.shape[0]
+    gamma = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    g_mean = -gamma * sums[:channels].to(invstd.dtype)
+    g_var = -0.5 * gamma * invstd.square() * sums[channels:].to(
+        invstd.dtype)
+    w_info, b_dtype = ctx.prod_shapes
+    grad_pw = grad_pb = None
+    if w_info is not None and ctx.needs_input_grad[8] and \
+            terms.V is not None:
+        grad = terms.V * g_var.unsqueeze(1)
+        groups = terms.U.shape[0]
+        grad.view(groups, channels // groups, -1).addcmul_(
+            terms.U.unsqueeze(1), g_mean.view(groups, -1, 1))
+        grad_pw = grad.reshape(w_info[0]).to(w_info[1])
+    if b_dtype is not None and ctx.needs_input_grad[9]:
+        grad_pb = (g_mean * terms.bu + g_var * terms.bv).to(b_dtype)
+    return (grad_pw, grad_pb, None)
 
 
 def _local_cpu_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
                         mean: Tensor, invstd: Tensor, n_eff: Tensor,
-                        needs: Tuple[bool, bool, bool]) -> tuple:
+                        needs: Tuple[bool, bool, bool],
+                        need_sums: bool = False) -> tuple:
     """The backward of a local window normalization on CPU in two passes.
 
     With ``K = n_eff / n`` entries of ``n`` samples, the input gradient is
@@ -213,7 +279,12 @@ def _local_cpu_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
     ``gamma / K``, computes ``1/K`` of it (its sums ``S_g``, ``S_gx`` and
     the element-wise part in one loop per channel); the rest of the ``g``
     term, ``(1 - 1/K) gamma invstd g``, is one more pass. The parameter
-    gradients it returns do not depend on the weight passed.
+    gradients it returns do not depend on the weight passed, and are the
+    sums themselves: ``S_gx invstd`` and ``S_g``.
+
+    Returns:
+        tuple: ``(grad_x, grad_w, grad_b, S_g, S_gx)``; the sums are None
+        unless ``need_sums``.
     """
     need_x, need_w, need_b = needs
     n = x.numel() // x.shape[1]
@@ -222,17 +293,25 @@ def _local_cpu_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
         weight.to(invstd.dtype)
     has_w = weight is not None
     grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-        grad_y, x, gamma * inv_k, None, None, mean,
-        invstd, True, 0.0, [need_x, need_w and has_w, need_b and has_w])
+        grad_y, x, gamma * inv_k, None, None, mean, invstd, True, 0.0, [
+            need_x, (need_w and has_w) or need_sums,
+            (need_b and has_w) or need_sums
+        ])
     if need_x:
         grad_x.addcmul_(grad_y,
                         channel_view(gamma * invstd * (1 - inv_k), x))
     else:
         grad_x = None
+    sum_dy = sum_dy_xmu = None
+    if need_sums:
+        sum_dy, sum_dy_xmu = grad_b.to(invstd.dtype), grad_w.to(
+            invstd.dtype) / invstd
     if has_w:
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(weight.dtype) if need_b else None
-    return grad_x, grad_w, grad_b
+    else:
+        grad_w = grad_b = None
+    return grad_x, grad_w, grad_b, sum_dy, sum_dy_xmu
 
 
 def _input_grad(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
@@ -272,7 +351,9 @@ def window_norm(x: Tensor,
                 hist_mean: Tensor,
                 hist_var: Tensor,
                 eps: float,
-                source: StatsSource = LOCAL) -> Tuple[Tensor, WindowStats]:
+                source: StatsSource = LOCAL,
+                window_grad: Optional[WindowGrad] = None
+                ) -> Tuple[Tensor, WindowStats]:
     """Normalize ``x`` with the window statistics.
 
     Args:
@@ -287,12 +368,17 @@ def window_norm(x: Tensor,
         hist_var (Tensor): Their compensated ``nu - mu^2``, (L, C).
         eps (float): Added to the variance inside the square root.
         source (StatsSource): Where the entries are combined.
+        window_grad (WindowGrad, optional): Let the gradient of the window
+            statistics flow into the producer's parameters through the
+            past entries (the window rule); None: the authors' rule.
 
     Returns:
         tuple: The normalized output (dtype of ``x``) and the
         :class:`WindowStats` it used.
     """
     autocast_off = torch.autocast(device_type=x.device.type, enabled=False)
+    if not torch.is_grad_enabled():
+        window_grad = None
     with autocast_off:
         with torch.no_grad():
             m = x.numel() // x.shape[1] if x.shape[1] else 0
@@ -303,6 +389,26 @@ def window_norm(x: Tensor,
             mean_bar, var_bar, k, keep = window_moments(count, mean, var)
             # the input gradient is BatchNorm's with K * n_0 samples
             n_eff = k * count[0]
+            prod_weight = prod_bias = terms = None
+            if window_grad is not None:
+                prod_weight, prod_bias = window_grad.weight, window_grad.bias
+                terms = _window_grad_terms(window_grad, hist_count, count,
+                                           mean, var, keep, k, mean_bar)
         y = _WindowNorm.apply(x, weight, bias, mean_bar, var_bar, n_eff, eps,
-                              source)
+                              source, prod_weight, prod_bias, terms)
     return y, WindowStats(count, mean, var, keep, mean_bar, var_bar, k)
+
+
+def _window_grad_terms(window_grad: WindowGrad, local_count: Tensor,
+                       count: Tensor, mean: Tensor, var: Tensor, keep: Tensor,
+                       k: Tensor, mean_bar: Tensor):
+    """The entry weights of this process's past entries (``1/K`` times its
+    share of each combined entry) and the closed-form terms."""
+    total = count[1:]
+    share = torch.where(total > 0, local_count / total.clamp(min=1e-30),
+                        0.)
+    lag_weight = keep[1:].to(mean.dtype) * share / k.clamp(min=1)
+    need_weight = window_grad.weight is not None and \
+        window_grad.weight.requires_grad
+    return window_grad.terms(lag_weight, mean[1:], var[1:] >= 0, mean_bar,
+                             need_weight)

@@ -104,13 +104,119 @@ def _row_dot(grad: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
+def _group_dot_t(coef: Tensor, pbar: Tensor) -> Tensor:
+    """The transpose of :func:`_group_dot` summed over entries:
+    ``sum_s coef[s, j] pbar[s, group(j)]``, shape (C_out, L).
+
+    Args:
+        coef (Tensor): (S, C_out).
+        pbar (Tensor): (S, G, L).
+    """
+    slots, groups, length = pbar.shape
+    if groups == 1:
+        return coef.t() @ pbar[:, 0, :].to(coef.dtype)
+    c = coef.reshape(slots, groups, -1)
+    return torch.einsum('sgo,sgl->gol', c, pbar.to(coef.dtype)).reshape(
+        -1, length)
+
+
+def _weighted_rows(grad: Tensor, coef: Tensor) -> Tensor:
+    """``sum_s coef[s, j] grad[s, j, :]``: grad (S, C, L), coef (S, C).
+
+    Memory-bound like :func:`_row_dot` (one read of every stored gradient),
+    in cache-sized chunks of output channels.
+    """
+    slots, channels, length = grad.shape
+    out = coef.new_empty((channels, length))
+    rows = max(1, _CHUNK_ELEMENTS // max(slots * length, 1))
+    for start in range(0, channels, rows):
+        stop = start + rows
+        torch.sum(grad[:, start:stop, :] * coef[:, start:stop, None], 0,
+                  out=out[start:stop])
+    return out
+
+
+class WindowGradTerms(NamedTuple):
+    """The window gradient's closed form, for one layer call (no grad).
+
+    With ``gM = dL/d mean_bar`` and ``gV = dL/d var_bar`` (per channel),
+    the gradient that flows through the compensated past entries into the
+    producer's current parameters is::
+
+        dL/dW_j = gM_j U[group(j)] + gV_j V_j,   dL/db_j = gM_j bu + gV_j bv_j
+
+    ``U`` (G, L) and ``V`` (C_out, L) are None when the weight needs no
+    gradient (frozen, or no entry recorded its derivatives).
+    """
+
+    U: Optional[Tensor]
+    V: Optional[Tensor]
+    bu: Tensor
+    bv: Tensor
+
+
+def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
+                      lag_weight: Tensor, lag_mean: Tensor, lag_pos: Tensor,
+                      mean_bar: Tensor, need_weight: bool) -> WindowGradTerms:
+    """Collect the window gradient of one call (method note, "Gradients",
+    window rule) over the ring's slots, before the current record is
+    written over one of them.
+
+    Entry ``e`` (one lag) enters the window statistics with weight
+    ``w_e`` (1/K, times this process's share ``n_e,r / n_e`` of a
+    combined entry). Through ``mean_bar = sum_e w_e mu_e`` and ``var_bar =
+    sum_e w_e max(nu_e, mu_e^2) - mean_bar^2``::
+
+        dL/dmu_e = w_e (gM + 2 gV (mu_e - mean_bar) - 2 gV mu_e [v_e >= 0])
+        dL/dnu_e = w_e gV [v_e >= 0]
+
+    and the entry is first order in the producer's parameters:
+    ``d mu_e / dW = pbar_e``, ``d nu_e / dW = G_e = Gc_e + 2 mu_e,raw
+    pbar_e``, ``d mu_e / db = 1``, ``d nu_e / db = 2 mu_e,raw``. So with
+    ``d_e = mu_e - mean_bar + [v_e >= 0] (mu_e,raw - mu_e)`` (differences
+    of near numbers, no cancellation)::
+
+        U = sum_e w_e pbar_e,  V = sum_e w_e (2 d_e pbar_e + [v_e >= 0] Gc_e)
+        bu = sum_e w_e,        bv = sum_e 2 w_e d_e
+
+    Args:
+        slots (dict): The ring's buffers (``raw_mean``, and ``pbar`` /
+            ``var_grad`` where recorded).
+        match (Tensor): (L, S), lag ``e`` is held by slot ``s``.
+        lag_weight (Tensor): (L, ) the weights ``w_e`` (0: not counted).
+        lag_mean (Tensor): (L, C) the entries' (combined) means.
+        lag_pos (Tensor): (L, C) bool, ``v_e >= 0`` (not repaired).
+        mean_bar (Tensor): (C, ) the window mean.
+        need_weight (bool): Whether to build ``U`` and ``V``.
+    """
+    dtype = lag_mean.dtype
+    weight = lag_weight @ match  # (S, )
+    used = (weight != 0).unsqueeze(1)
+    mean_s = match.t() @ lag_mean
+    pos_s = match.t() @ lag_pos.to(dtype)
+    d = mean_s - mean_bar + pos_s * (slots['raw_mean'] - mean_s)
+    wd2 = torch.where(used, 2 * weight.unsqueeze(1) * d, 0.)  # (S, C)
+    bv = wd2.sum(0)
+    bu = weight.sum().expand(bv.shape)
+    if not need_weight or 'pbar' not in slots:
+        return WindowGradTerms(None, None, bu, bv)
+    pbar = torch.where(used.unsqueeze(2), slots['pbar'].to(dtype), 0.)
+    groups = pbar.shape[1]
+    u = (weight @ pbar.reshape(pbar.shape[0], -1)).reshape(groups, -1)
+    v = _weighted_rows(slots['var_grad'],
+                       torch.where(used, weight.unsqueeze(1) * pos_s, 0.))
+    v += _group_dot_t(wd2, pbar)
+    return WindowGradTerms(u, v, bu, bv)
+
+
 def make_record(binding: Binding,
                 x: Tensor,
                 mean: Tensor,
                 var: Tensor,
                 compensate: bool,
                 moment_stride: int = 1,
-                phase: Tuple[int, ...] = ()) -> Record:
+                phase: Tuple[int, ...] = (),
+                derivatives: bool = False) -> Record:
     """Build the record of the current iteration (no grad).
 
     Args:
@@ -121,12 +227,16 @@ def make_record(binding: Binding,
         compensate (bool): False records plain statistics (naive CBN).
         moment_stride (int): Subsampling of ``d nu / d W`` (1: exact).
         phase (tuple[int]): Its first position per spatial dimension.
+        derivatives (bool): Record ``pbar`` and ``Gc`` even when not
+            compensating (naive values with the window gradient, an
+            ablation): the constants stay the raw statistics.
     """
     prod = binding.producer
-    if not compensate or binding.status != 'bound':
+    if not (compensate or derivatives) or binding.status != 'bound':
         return Record(raw_mean=mean, raw_var=var, a_mean=mean, a_var=var)
     dtype = mean.dtype
-    a_mean, a_var = mean.clone(), var.clone()
+    a_mean, a_var = (mean.clone(), var.clone()) if compensate else (mean,
+                                                                    var)
     record = Record(raw_mean=mean, raw_var=var, a_mean=a_mean, a_var=a_var)
     if prod.weight is not None:
         weight = prod.weight.to(dtype)
@@ -134,9 +244,10 @@ def make_record(binding: Binding,
         centered = x - mean.view((1, -1) + (1, ) * (x.dim() - 2))
         record.var_grad = prod.moment_weight_grad(centered, moment_stride,
                                                   phase)
-        a_mean -= _group_dot(record.pbar, weight)
-        a_var -= _row_dot(record.var_grad, weight)
-    if prod.bias is not None:
+        if compensate:
+            a_mean -= _group_dot(record.pbar, weight)
+            a_var -= _row_dot(record.var_grad, weight)
+    if prod.bias is not None and compensate:
         a_mean -= prod.bias.to(dtype)
     return record
 
@@ -148,7 +259,10 @@ class History(NamedTuple):
     and ``var`` (L, C) the compensated mean and variance (``nu - mu^2``,
     before the repair), ``raw_mean`` and ``raw_var`` (L, C) the statistics
     as recorded, and ``dropped`` (0-dim) the entries inside the window
-    dropped because a compensated value was not finite.
+    dropped because a compensated value was not finite. ``match`` (L, S)
+    maps the lags to the ring's slots and ``slots`` holds the ring's
+    buffers as they were (for the window gradient, which reads them before
+    the current record is pushed); both are None for an empty history.
     """
 
     count: Tensor
@@ -157,6 +271,8 @@ class History(NamedTuple):
     raw_mean: Tensor
     raw_var: Tensor
     dropped: Tensor
+    match: Optional[Tensor] = None
+    slots: Optional[Dict[str, Tensor]] = None
 
 
 def empty_history(lags: int, like: Tensor) -> History:
@@ -365,7 +481,7 @@ class WindowState:
         var = torch.where(rows, var, 0.)
         return History(match @ buf['count'], match @ mean, match @ var,
                        match @ buf['raw_mean'], match @ buf['raw_var'],
-                       dropped)
+                       dropped, match, dict(buf))
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:

@@ -85,22 +85,32 @@ def module_apply(module: nn.Module) -> ApplyFn:
 def compensated_moments(apply: ApplyFn, inp: Tensor,
                         params_then: Dict[str, Tensor],
                         params_now: Dict[str, Tensor],
-                        compensate: bool = True) -> Tuple[Tensor, Tensor]:
+                        compensate: bool = True,
+                        gradient_only: bool = False
+                        ) -> Tuple[Tensor, Tensor]:
     """Note, "Compensation": the first-order estimate of ``(mu, nu)`` of the
     producer output for ``inp`` (recorded under ``params_then``) at
     ``params_now``; the gradients come from forward-mode autograd (jvp).
 
+    The Taylor term is differentiable in ``params_now``: pass the live
+    parameters and autograd carries the window rule's gradient through it
+    (note, "Gradients"); pass detached ones for the authors' rule.
+
     With ``compensate=False`` or no trainable parameter (a frozen
-    producer) the recorded statistics are returned as they are.
+    producer) the recorded statistics are returned as they are; with
+    ``compensate=False, gradient_only=True`` their values, but with the
+    Taylor term's gradient (naive values with the window gradient).
     """
 
     def stats(params):
         return moments(apply(params, inp))
 
-    if not params_then or not compensate:
+    if not params_then or not (compensate or gradient_only):
         return stats(params_then)
     delta = {n: params_now[n] - params_then[n] for n in params_then}
     (mu, nu), (dmu, dnu) = jvp(stats, (params_then, ), (delta, ))
+    if not compensate:
+        return mu + (dmu - dmu.detach()), nu + (dnu - dnu.detach())
     return mu + dmu, nu + dnu
 
 
@@ -159,6 +169,9 @@ class ReferenceCBN(nn.Module):
         eps, momentum, affine, track_running_stats: as ``nn.BatchNorm2d``
             (``momentum=None``: cumulative average).
         compensate (bool): False is naive CBN.
+        window_grad (bool, optional): The window rule (gradient through
+            the past entries' Taylor terms); False: the authors' rule
+            (past entries constant). None follows ``compensate``.
         running_stats_from (str): ``'batch'`` or ``'window'``.
         effective_params (callable, optional): ``producer -> dict`` of the
             tensors the producer's output is linear in (e.g. a computed
@@ -177,6 +190,7 @@ class ReferenceCBN(nn.Module):
                  compensate: bool = True,
                  running_stats_from: str = 'batch',
                  affine: bool = True,
+                 window_grad: Optional[bool] = None,
                  track_running_stats: bool = True,
                  effective_params: Optional[Callable] = None,
                  apply: Optional[ApplyFn] = None):
@@ -185,6 +199,7 @@ class ReferenceCBN(nn.Module):
         self.producer = producer
         self.window, self.burnin, self.eps = window, burnin, eps
         self.momentum, self.compensate = momentum, compensate
+        self.window_grad = compensate if window_grad is None else window_grad
         self.track_running_stats = track_running_stats
         self._effective = effective_params
         self._apply_fn = apply if apply is not None else module_apply(producer)
@@ -217,17 +232,21 @@ class ReferenceCBN(nn.Module):
         """Forget every recorded entry."""
         self.history = {}
 
-    def params_now(self) -> Dict[str, Tensor]:
-        """The producer's current (effective) trainable parameters."""
+    def params_now(self, live: bool = False) -> Dict[str, Tensor]:
+        """The producer's current (effective) trainable parameters:
+        detached copies, or with ``live`` the tensors themselves (so that
+        gradients reach the parameters)."""
         if self._effective is not None:
-            return {
-                n: p.detach().clone()
-                for n, p in self._effective(self.producer).items()
+            params = self._effective(self.producer)
+        else:
+            params = {
+                n: p
+                for n, p in self.producer.named_parameters()
+                if p.requires_grad
             }
-        return {
-            n: p.detach().clone()
-            for n, p in self.producer.named_parameters() if p.requires_grad
-        }
+        if live:
+            return dict(params)
+        return {n: p.detach().clone() for n, p in params.items()}
 
     def forward(self, inp: Tensor) -> Tensor:
         x = self.producer(inp)
@@ -250,13 +269,18 @@ class ReferenceCBN(nn.Module):
         mu_t, nu_t = moments(x)
         mus, nus, counts = [mu_t], [nu_t], [count_of(x)]
         now = self.params_now()
+        # the window rule differentiates the Taylor terms in the live
+        # parameters; the authors' rule takes them as constants
+        at = self.params_now(live=True) if self.window_grad else now
         history = self.history.setdefault(position, [])
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.window_grad and
+                                    torch.is_grad_enabled()):
             for s, old_inp, then, count in history:
                 if t - s in lags:
-                    mu, nu = compensated_moments(self._apply_fn, old_inp, then,
-                                                 now, self.compensate)
-                    if _finite(mu, nu):
+                    mu, nu = compensated_moments(
+                        self._apply_fn, old_inp, then, at, self.compensate,
+                        gradient_only=self.window_grad)
+                    if _finite(mu.detach(), nu.detach()):
                         mus.append(mu)
                         nus.append(nu)
                         counts.append(count)

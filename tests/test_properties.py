@@ -274,21 +274,24 @@ def test_training_stays_finite(cfg, window, burnin, steps, calls, dtype,
        window=st.integers(1, 4), burnin=st.integers(0, 3),
        compensate=st.booleans(),
        running_stats_from=st.sampled_from(['batch', 'window']),
+       window_grad=st.sampled_from([None, True, False]),
        seed=st.integers(0, 999))
 def test_reference_trajectory_slice(cfg, window, burnin, compensate,
-                                    running_stats_from, seed):
-    """Six float64 SGD steps against the independent jvp reference."""
+                                    running_stats_from, window_grad, seed):
+    """Six float64 SGD steps against the independent jvp reference, with
+    either backward rule (None: the default)."""
     torch.manual_seed(seed)
     producer = make_producer(cfg).double()
     cbn_cls, _ = norm_classes(cfg)
     ours = nn.Sequential(
         producer,
         cbn_cls(cfg['c_out'], window=window, burnin=burnin,
-                compensate=compensate,
-                running_stats_from=running_stats_from)).double()
+                compensate=compensate, running_stats_from=running_stats_from,
+                window_grad=window_grad)).double()
     ref = ReferenceCBN(copy.deepcopy(producer), cfg['c_out'], window=window,
                        burnin=burnin, compensate=compensate,
-                       running_stats_from=running_stats_from).double()
+                       running_stats_from=running_stats_from,
+                       window_grad=window_grad).double()
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
             for m in (ours, ref)]
     for step, x in enumerate(inputs(cfg, 6, torch.float64, seed)):

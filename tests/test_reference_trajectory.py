@@ -125,14 +125,17 @@ def _channels(producer):
 
 
 def build_pair(kind, window, burnin=0, compensate=True,
-               running_stats_from='batch', **bn_options):
+               running_stats_from='batch', window_grad=None, **bn_options):
     """mmcbn and reference models with identical initial parameters;
-    ``bn_options``: ``affine``, ``momentum``, ``track_running_stats``."""
+    ``bn_options``: ``affine``, ``momentum``, ``track_running_stats``;
+    ``window_grad``: the backward rule (None: the default)."""
     torch.manual_seed(0)
     p1, p2 = ALL_PRODUCERS[kind]()
     norm = NORMS.get(kind, CBN2d)
     kw = dict(window=window, burnin=burnin, compensate=compensate,
               running_stats_from=running_stats_from, **bn_options)
+    if window_grad is not None:
+        kw['window_grad'] = window_grad
     ours = Net(p1, norm(_channels(p1), **kw), p2, norm(_channels(p2),
                                                        **kw)).double()
     ref_p1, ref_p2 = copy.deepcopy(ours.p1), copy.deepcopy(ours.p2)
@@ -195,8 +198,13 @@ def assert_same_trajectory(ours, ref, out_ours, out_ref):
 
 @pytest.mark.parametrize('kind', sorted(PRODUCERS))
 @pytest.mark.parametrize('window', [1, 2, 4, 8])
-def test_matches_reference_along_sgd_trajectory(kind, window):
-    ours, ref = build_pair(kind, window)
+@pytest.mark.parametrize('window_grad', [True, False],
+                         ids=['window-rule', 'authors-rule'])
+def test_matches_reference_along_sgd_trajectory(kind, window, window_grad):
+    """Both backward rules (method note, "Gradients"): the reference's jvp
+    Taylor terms are differentiable in the live parameters for the window
+    rule, constants for the authors'."""
+    ours, ref = build_pair(kind, window, window_grad=window_grad)
     out_ours, out_ref = train(ours, kind), train(ref, kind)
     assert_same_trajectory(ours, ref, out_ours, out_ref)
     if window > 1:
@@ -219,8 +227,9 @@ def test_window_running_stats_match_reference(kind):
 
 
 @pytest.mark.parametrize('kind', ['conv_bias', 'linear'])
-def test_burnin_matches_reference(kind):
-    ours, ref = build_pair(kind, window=4, burnin=7)
+@pytest.mark.parametrize('window_grad', [True, False])
+def test_burnin_matches_reference(kind, window_grad):
+    ours, ref = build_pair(kind, window=4, burnin=7, window_grad=window_grad)
     assert_same_trajectory(ours, ref, train(ours, kind), train(ref, kind))
 
 
@@ -229,6 +238,14 @@ def test_naive_window_matches_reference_and_differs_from_cbn(kind):
     naive, naive_ref = build_pair(kind, window=4, compensate=False)
     out_naive = train(naive, kind)
     assert_same_trajectory(naive, naive_ref, out_naive, train(naive_ref, kind))
+    # naive values with the window gradient (the ablation control)
+    control, control_ref = build_pair(kind, window=4, compensate=False,
+                                      window_grad=True)
+    out_control = train(control, kind)
+    assert_same_trajectory(control, control_ref, out_control,
+                           train(control_ref, kind))
+    assert max((a - b).abs().max()
+               for a, b in zip(out_control, out_naive)) > 1e-4
     cbn, _ = build_pair(kind, window=4)
     out_cbn = train(cbn, kind)
     # the compensation is not a no-op on this trajectory
