@@ -372,20 +372,24 @@ class _CrossIterationBatchNorm:
         lags = self.history_lags(iteration)
         binding = self._bind(x, position) if self.capacity > 0 else None
         bound = binding is not None and binding.status != 'unbound'
-        history = self._history(binding, position, iteration, lags) \
-            if bound and lags > 0 else None
-        if history is None and not source.distributed:
-            y, mean_t, var_t = self._batch_norm(x)
-            stats = None
-        else:
-            mean_t, var_t = batch_stats(x)
-            history = history or empty_history(lags, mean_t)
-            y, stats = self._window_norm(x, mean_t, var_t, history, source,
-                                         binding)
-        if bound and m > 0:
-            self._record(x, binding, position, iteration, mean_t, var_t)
-        if self._monitor and self.capacity > 0:
-            observe(self, history, stats, mean_t, var_t, lags)
+        # statistics, counts and window state stay in float32 whatever the
+        # caller's autocast (the matmuls of the compensation and the lag
+        # matching would otherwise run in half precision)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            history = self._history(binding, position, iteration, lags) \
+                if bound and lags > 0 else None
+            if history is None and not source.distributed:
+                y, mean_t, var_t = self._batch_norm(x)
+                stats = None
+            else:
+                mean_t, var_t = batch_stats(x)
+                history = history or empty_history(lags, mean_t)
+                y, stats = self._window_norm(x, mean_t, var_t, history,
+                                             source, binding)
+            if bound and m > 0:
+                self._record(x, binding, position, iteration, mean_t, var_t)
+            if self._monitor and self.capacity > 0:
+                observe(self, history, stats, mean_t, var_t, lags)
         return y
 
     def _recomputed(self, x: Tensor, source: StatsSource) -> Tensor:

@@ -79,11 +79,29 @@ def batch_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
         zeros = x.new_zeros(channels, dtype=dtype)
         return zeros, zeros.clone()
     if x.is_cuda:
-        # one Welford pass, float accumulation for half inputs
-        mean, invstd = torch.batch_norm_stats(x, 0.0)
-        return mean.to(dtype), invstd.to(dtype).pow(-2)
+        return welford_stats(x)
     xs = x if x.dtype == dtype else x.to(dtype)
     return torch.batch_norm_update_stats(xs, None, None, 0.0)
+
+
+#: The epsilon :func:`welford_stats` passes and takes back out: tiny, so
+#: that taking it out loses nothing of a normal variance, and > 0, so that
+#: a constant channel's inverse std stays finite.
+_WELFORD_EPS = 1e-30
+
+
+def welford_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean and biased variance from ``torch.batch_norm_stats`` (CUDA's
+    one-pass Welford kernel, float accumulation for half inputs).
+
+    The kernel returns ``invstd = (var + eps)^-1/2``, and ``0`` where
+    ``var + eps`` is 0: with ``eps = 0`` a constant channel would come back
+    as an infinite variance. A tiny ``eps`` is passed and taken out again.
+    """
+    dtype = stats_dtype(x)
+    mean, invstd = torch.batch_norm_stats(x, _WELFORD_EPS)
+    var = (invstd.to(dtype).pow(-2) - _WELFORD_EPS).clamp_(min=0)
+    return mean.to(dtype), var
 
 
 def normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
