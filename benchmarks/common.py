@@ -280,8 +280,11 @@ class DeviceClock:
 
     def _mark(self):
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            # on the chosen device's current stream, not the current
+            # device's (they differ when the device is not cuda:0)
+            with torch.cuda.device(self.device):
+                event = torch.cuda.Event(enable_timing=True)
+                event.record(torch.cuda.current_stream(self.device))
             return event
         return time.perf_counter()
 

@@ -483,7 +483,10 @@ class _CrossIterationBatchNorm:
                     'unbound', f'{self._caller_name()} found no producing '
                     f'conv/linear layer: {binding.reason}. It falls back to '
                     'BatchNorm (window 1).')
-            self._windows[position].reset()
+            if torch.is_grad_enabled():
+                # (under torch.no_grad, e.g. a teacher's forward, the
+                # producer is unseen, not changed: keep the window)
+                self._windows[position].reset()
         elif not self._external_iteration:
             self._check_calls_share_iteration(binding)
         return binding

@@ -19,7 +19,7 @@ import pickle
 import re
 import tempfile
 import zipfile
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -131,23 +131,9 @@ class AtomicLocalBackend(LocalBackend):
 
     def _write(self, filepath, data: bytes) -> None:
         filepath = os.fspath(filepath)
-        directory = os.path.dirname(filepath) or '.'
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix='.' + os.path.basename(filepath) + '.', suffix='.tmp',
-            dir=directory)
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                self._write_data(f, data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, filepath)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(directory)
+        write_atomically(filepath, data, self._write_data)
         if filepath.endswith('.pth'):
+            directory = os.path.dirname(filepath) or '.'
             for name in os.listdir(directory):
                 if name.endswith('.pth' + SUPERSEDED):
                     os.unlink(os.path.join(directory, name))
@@ -162,6 +148,42 @@ class AtomicLocalBackend(LocalBackend):
 
 #: Suffix of a checkpoint removed before its successor was complete.
 SUPERSEDED = '.superseded'
+
+
+def write_atomically(filepath: str, data: bytes,
+                     write: Optional[Callable] = None) -> None:
+    """Write ``data`` to a local ``filepath`` that cannot be torn.
+
+    The bytes go to a temporary file in the same directory, which is
+    flushed to disk and renamed over ``filepath``: a reader sees the old
+    file or the new one, never a part.
+
+    Args:
+        filepath (str): The file to write.
+        data (bytes): Its new content.
+        write (callable, optional): ``write(f, data)`` writes the bytes to
+            the open temporary file. Defaults to ``f.write(data)``.
+    """
+    filepath = os.fspath(filepath)
+    directory = os.path.dirname(filepath) or '.'
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix='.' + os.path.basename(filepath) + '.', suffix='.tmp',
+        dir=directory)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            if write is None:
+                f.write(data)
+            else:
+                write(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, filepath)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
 
 
 def _fsync_dir(directory: str) -> None:

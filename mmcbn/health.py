@@ -24,6 +24,11 @@ calls since the last read:
 - ``batch_vs_window_mean``: ``|mu_batch - mu_window|`` relative to the
   window's standard deviation;
 - ``batch_vs_window_var``: ``|log(var_batch / var_window)|``.
+
+A monitored call whose statistics are not finite (a NaN/Inf batch) adds
+nothing to any metric, so one bad iteration does not turn the metrics of a
+log interval into NaN; the ``skipped``/``not_stored`` event counters report
+it.
 """
 import logging
 from collections import OrderedDict, defaultdict
@@ -69,6 +74,12 @@ def observe(layer, history, stats, mean_t: Tensor, var_t: Tensor,
             lags: int) -> None:
     """Add one monitored call's health terms to ``layer._health``.
 
+    A call whose batch statistics or terms are not finite (a non-finite
+    batch here, or, for SyncCBN, on another process) adds nothing, to any
+    metric: the metrics describe the finite iterations of the interval, and
+    the event counters (:func:`read_cbn_flags`) report the others. Decided
+    on the device.
+
     Args:
         layer: The CBN layer.
         history (History | None): The earlier entries (local).
@@ -80,10 +91,19 @@ def observe(layer, history, stats, mean_t: Tensor, var_t: Tensor,
     if layer._health is None or layer._health.device != mean_t.device:
         layer._health = torch.zeros(
             NUM_HEALTH, dtype=torch.float64, device=mean_t.device)
-    acc = layer._health
-    acc[_FILL_N].add_(1)
-    if stats is None:
-        return  # window_fill 0: no earlier entry was used
+    acc = layer._health.new_zeros(NUM_HEALTH)  # this call's terms
+    acc[_FILL_N].fill_(1)
+    finite = torch.isfinite(mean_t).all() & torch.isfinite(var_t).all()
+    if stats is not None:
+        _window_terms(acc, layer, history, stats, var_t, lags)
+    finite &= torch.isfinite(acc).all()
+    layer._health.add_(torch.where(finite, acc, 0.))
+
+
+def _window_terms(acc: Tensor, layer, history, stats, var_t: Tensor,
+                  lags: int) -> None:
+    """The terms of a call that used earlier entries (see :func:`observe`).
+    """
     eps = layer.eps
     hist_keep = stats.keep[1:]
     acc[_FILL].add_((hist_keep.sum() / max(layer.capacity, 1)))

@@ -134,6 +134,16 @@ def _check(model: nn.Module, state: Dict[str, Any]) -> None:
                     f'{layer.num_features}')
 
 
+def check_window_state(model: nn.Module, state: Dict[str, Any]) -> None:
+    """Check what :func:`collect_window_state` returned against ``model``
+    without changing anything.
+
+    Raises:
+        WindowStateMismatch: Naming the first mismatch.
+    """
+    _check(model, state)
+
+
 def restore_window_state(model: nn.Module, state: Dict[str, Any]) -> int:
     """Restore what :func:`collect_window_state` returned.
 

@@ -414,6 +414,65 @@ def test_no_grad_training_call_is_batchnorm_and_training_resumes(
     assert not torch.allclose(y, y_bn, atol=1e-3)  # the window is used
 
 
+@pytest.mark.parametrize('layer', sorted(LAYERS))
+def test_no_grad_training_call_keeps_the_window(layer):
+    """A training-mode call under torch.no_grad (a teacher or EMA forward
+    of the training model) cannot bind, so it is BatchNorm and records
+    nothing, but it says nothing about the producer: the recorded entries
+    stay, and the next training forward equals one without that call."""
+    runs = []
+    for teacher_call in (False, True):
+        model = build(layer, window=4)
+        xs = data(steps=6)
+        train(model, xs[:4], iterations=range(4))
+        if teacher_call:
+            set_cbn_iteration(model, 4)
+            with torch.no_grad():
+                model(data(seed=7)[0])
+            assert model.n1.bindings[0].status == 'unbound'
+        set_cbn_iteration(model, 5)
+        runs.append((model, model(xs[5])))
+    (plain, y_plain), (taught, y_taught) = runs
+    assert len(taught.n1._windows[0]) == len(plain.n1._windows[0]) == 3
+    assert torch.equal(y_taught, y_plain)
+    # ... and the window is not a no-op there
+    assert not torch.allclose(y_plain, bn_twin(plain)(xs[5]), atol=1e-3)
+
+
+@pytest.mark.parametrize('frozen', [
+    False,
+    pytest.param(True, marks=pytest.mark.xfail(
+        strict=True,
+        reason='a frozen producer is keyed by its shape and arguments only '
+        '(binding.py: no parameter id for a frozen weight), so two frozen '
+        'convs of one shape share a window key and a switch between them '
+        'keeps the entries of the other'))
+])
+def test_switching_producers_of_one_shape_starts_the_window_afresh(frozen):
+    """One CBN layer fed by conv A for a few iterations, then by conv B of
+    the same shape (a branch chosen per batch): A's statistics do not
+    describe B's output, so the first call after the switch is BatchNorm
+    on the batch (the window starts afresh). The trainable case is the
+    control: the test can pass."""
+    torch.manual_seed(0)
+    stem = nn.Conv2d(3, 3, 3, padding=1)  # trainable: x has a graph
+    convs = [nn.Conv2d(3, 4, 3, padding=1) for _ in range(2)]
+    with torch.no_grad():
+        convs[1].weight.mul_(3)
+        convs[1].bias.add_(2)
+    for conv in convs:
+        conv.requires_grad_(not frozen)
+    norm = CBN2d(4, window=4)
+    for x in data(steps=3):
+        norm(convs[0](stem(x)))
+    assert norm.bindings[0].status == ('frozen' if frozen else 'bound')
+    assert len(norm._windows[0]) == 3
+    h = convs[1](stem(data(seed=9)[0]))
+    expected = F.batch_norm(h, None, None, norm.weight, norm.bias, True, 0.0,
+                            norm.eps)
+    torch.testing.assert_close(norm(h), expected)
+
+
 # ---------------------------------------------------------- train/eval mode
 @pytest.mark.parametrize('layer', sorted(LAYERS))
 def test_eval_mid_run_is_batchnorm_and_keeps_the_window(layer):

@@ -120,3 +120,66 @@ def test_nonfinite_entries_are_dropped_and_reported_after_the_step(mmlogs):
     assert any(m.startswith('n1: 1 compensated statistics') and
                'dropped' in m for m in mmlogs.messages)
     assert read_cbn_flags(model) == {}  # read and reset
+
+
+def test_counter_sees_host_copies_and_not_same_device_casts():
+    """A copy between devices waits on a GPU: ``.cpu()`` and ``.to('cpu')``
+    (no-ops on a CPU tensor, host copies of a GPU one), a ``_to_copy`` to
+    another device and a cross-device ``copy_`` count; casts that stay on
+    the device do not."""
+    x = torch.randn(4, 3)
+    meta = torch.empty(4, 3, device='meta')
+    moves = {
+        'cpu()': lambda: x.cpu(),
+        "to('cpu')": lambda: x.to('cpu'),
+        "to(device='cpu')": lambda: x.to(device='cpu', dtype=torch.float64),
+        "to('meta')": lambda: x.to('meta'),
+        'copy_ across devices': lambda: meta.copy_(x),
+    }
+    for name, move in moves.items():
+        with SyncCounter() as counter:
+            move()
+        assert counter.total == 1, (name, dict(counter.ops))
+    casts = {
+        'double()': lambda: x.double(),
+        'to(float16)': lambda: x.to(torch.float16),
+        'to(x.device, float64)': lambda: x.to(x.device, torch.float64),
+        'to(x.device)': lambda: x.to(x.device),
+        'copy_ with a cast': lambda: torch.empty_like(x).copy_(x.double()),
+        'to(like)': lambda: x.to(torch.zeros(1, dtype=torch.float64)),
+    }
+    for name, cast in casts.items():
+        with SyncCounter() as counter:
+            cast()
+        assert counter.total == 0, (name, dict(counter.ops))
+    # the patched methods are gone again
+    assert 'cpu' not in torch.Tensor.__dict__
+    assert 'to' not in torch.Tensor.__dict__
+
+
+def test_a_host_copy_injected_into_a_step_is_counted(monkeypatch):
+    """A debugging ``.cpu()`` left in the hot path is caught by the step
+    test above: the same step as there, with ``.cpu()`` of the batch mean
+    inside the running-statistics update."""
+    from mmcbn.cbn import _CrossIterationBatchNorm
+    model = build('cbn', window=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    for it in range(5):
+        step(model, torch.randn(4, 3, 8, 8, generator=gen), opt)
+        opt.step()
+    x = torch.randn(4, 3, 8, 8, generator=gen)
+    with SyncCounter() as counter:
+        step(model, x, opt)
+    assert counter.total == 0, dict(counter.ops)  # the control
+    update = _CrossIterationBatchNorm._update_running_stats
+
+    def with_host_copy(self, mean, var, count):
+        mean.cpu()
+        return update(self, mean, var, count)
+
+    monkeypatch.setattr(_CrossIterationBatchNorm, '_update_running_stats',
+                        with_host_copy)
+    with SyncCounter() as counter:
+        step(model, x, opt)
+    assert counter.ops['Tensor.cpu'] == 4, dict(counter.ops)  # 4 layers

@@ -460,6 +460,41 @@ def test_repaired_frac_on_a_constructed_case():
             pooled(*terms.values())[metric], rel=1e-7, abs=1e-12)
 
 
+@pytest.mark.parametrize('bad', [float('inf'), float('nan')])
+def test_a_nonfinite_monitored_iteration_adds_nothing(bad):
+    """A log interval with a NaN/Inf batch in it: the metrics are those of
+    its finite iterations (as if the bad one had not been monitored), not
+    NaN; the event counters report the bad batch."""
+    from mmcbn import read_cbn_flags
+
+    def run_monitoring(monitored):
+        torch.manual_seed(0)
+        model = TwoConvNet(window=4, burnin=0).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(3)
+        for t in range(7):
+            set_cbn_iteration(model, t)
+            set_cbn_monitor(model, t in monitored)
+            x = torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64)
+            if t == 6:
+                x[1, 2, 3, 3] = bad
+            out = model(x)
+            if t < 6:
+                opt.zero_grad()
+                (out.square().mean() + out.mean()).backward()
+                opt.step()
+        assert not torch.isfinite(out).all()
+        return read_cbn_health(model, by_group=True), read_cbn_flags(model)
+
+    health, flags = run_monitoring(monitored=(5, 6))
+    clean, _ = run_monitoring(monitored=(5, ))
+    assert set(health) == set(clean)
+    for key, value in clean.items():
+        assert health[key] == pytest.approx(value, rel=1e-12, abs=0), key
+    assert clean['comp_mean'] > 0 and clean['batch_vs_window_var'] > 0
+    assert flags['n1'] == dict(dropped=0, skipped=1, not_stored=1)
+
+
 # --------------------------------------------------------------- warnings
 class StemHeadNet(nn.Module):
     """stem: conv (no bias) -> CBN; head: conv (bias) -> CBN."""

@@ -64,12 +64,12 @@ def test_dist_train_two_gloo_processes(tmp_path):
     # rank 0 alone wrote checkpoints
     assert sorted(p for p in os.listdir(work) if p.endswith('.pth')) == [
         'epoch_1.pth', 'epoch_2.pth']
-    # ... holding the window state of both processes (gathered before the
-    # save), each its own: a resume gives every process its own windows
-    windows = ckpt['cbn_windows']['ranks']
-    assert len(windows) == 2
-    means = [w['layers']['conv1.bn']['positions'][0]['buffers']['raw_mean']
-             for w in windows]
+    # ... and each process its window state beside each checkpoint, which
+    # lists the files: a resume gives every process its own windows
+    files = ckpt['cbn_windows']['files']
+    assert files == [f'epoch_2.pth.cbn_window.rank{r}.pt' for r in (0, 1)]
+    means = [torch.load(str(work / name))['windows']['layers']['conv1.bn']
+             ['positions'][0]['buffers']['raw_mean'] for name in files]
     assert means[0].shape == means[1].shape and not torch.equal(*means)
     proc = subprocess.run(
         ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), config, '2',

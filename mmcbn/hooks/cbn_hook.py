@@ -1,10 +1,17 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
 """A runner hook that keeps the CBN layers in step with the runner."""
+import io
 import logging
-from typing import Optional, Sequence
+import os
+import os.path as osp
+import re
+from typing import Any, Dict, Optional, Sequence
 
-import torch.distributed as dist
-from mmengine.dist import get_rank, get_world_size, is_distributed
+import torch
+from mmengine.dist import (all_reduce, barrier, get_rank, get_world_size,
+                           is_distributed)
+from mmengine.fileio import get as fileio_get
+from mmengine.fileio import put as fileio_put
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
@@ -15,12 +22,57 @@ from ..control import (binding_summary, cbn_layers, name_cbn_layers,
                        set_cbn_iteration)
 from ..health import (health_warnings, read_cbn_flags, read_cbn_health,
                       set_cbn_monitor)
-from ..resume import (WindowStateMismatch, collect_window_state,
-                      restore_window_state)
+from ..checkpoint import (SUPERSEDED, CheckpointError, load_checkpoint_file,
+                          register_safe_globals, write_atomically)
+from ..resume import (WindowStateMismatch, check_window_state,
+                      collect_window_state, restore_window_state)
 
 DATA_BATCH = Optional[Sequence[dict]]
 #: Where the window state goes in a checkpoint (beside ``state_dict``).
 CKPT_KEY = 'cbn_windows'
+#: A process's window file beside checkpoint ``<checkpoint>`` in a run of
+#: several processes (not ``*.pth``: not mistaken for a checkpoint).
+RANK_FILE = '{checkpoint}.cbn_window.rank{rank}.pt'
+_RANK_FILE_RE = re.compile(r'^(?P<checkpoint>.+)\.cbn_window\.rank'
+                           r'(?P<rank>\d+)\.pt$')
+
+
+def rank_file(checkpoint: str, rank: int) -> str:
+    """The window file of process ``rank`` beside ``checkpoint`` (a
+    checkpoint set aside as ``*.superseded`` keeps its original's)."""
+    if checkpoint.endswith(SUPERSEDED):
+        checkpoint = checkpoint[:-len(SUPERSEDED)]
+    directory, name = osp.split(checkpoint)
+    return osp.join(directory, RANK_FILE.format(checkpoint=name, rank=rank))
+
+
+def _write_window_file(path: str, payload: dict) -> int:
+    """Save one process's window state; atomically for a local path.
+
+    Returns:
+        int: The bytes written.
+    """
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    if '://' in path:
+        fileio_put(data, path)
+    else:
+        write_atomically(path, data)
+    return len(data)
+
+
+def _read_window_file(path: str) -> dict:
+    """Load one process's window state (weights-only, on the CPU)."""
+    if '://' not in path:
+        return load_checkpoint_file(path)
+    register_safe_globals()
+    return torch.load(io.BytesIO(fileio_get(path)), map_location='cpu',
+                      weights_only=True)
+
+
+def _multi_process() -> bool:
+    return is_distributed() and get_world_size() > 1
 
 
 def log_key(name: str) -> str:
@@ -72,10 +124,21 @@ class CBNHook(Hook):
       ``scalars.json`` and every visualizer backend receive. The values
       are those of the logged iteration. It also reads the layers' event
       counters then, and logs each warning once per run.
-    - It puts the window state of every layer beside the model's state
-      dict in each checkpoint (``checkpoint['cbn_windows']``) and restores
-      it on ``--resume``: a resumed run continues exactly. ``load_from``
-      (fine-tuning) starts with empty windows.
+    - It saves the window state of every layer with each checkpoint and
+      restores it on ``--resume``: a resumed run continues exactly.
+      ``load_from`` (fine-tuning) starts with empty windows. One process:
+      the state goes into the checkpoint beside the model's state dict
+      (``checkpoint['cbn_windows']``). Several processes: each process
+      writes its own windows, atomically, to
+      ``<checkpoint>.cbn_window.rank<r>.pt`` beside the checkpoint (for the
+      checkpoints the ``CheckpointHook`` saves by its interval and at the
+      end, not for best checkpoints), and the checkpoint holds only the
+      list of those files; on resume each process reads its own file, so
+      no process saves or loads more than its own windows. Each process
+      deletes its files of checkpoints that ``max_keep_ckpts`` removed. A
+      resume with another number of processes than the checkpoint's is
+      rejected, naming both numbers (the windows of N processes do not
+      divide among M); ``resume_window=False`` resumes with empty windows.
     - It makes the ``CheckpointHook`` write local checkpoints atomically
       (:class:`mmcbn.checkpoint.AtomicLocalBackend`), so a process killed
       while saving leaves the previous checkpoint intact.
@@ -92,13 +155,14 @@ class CBNHook(Hook):
             logs (the text and json logs show the latest value read).
             Defaults to None: the ``LoggerHook``'s schedule, or every 50
             iterations without a ``LoggerHook``.
-        save_window (bool): Save the window state in checkpoints. False
+        save_window (bool): Save the window state with checkpoints. False
             keeps checkpoints as small as BN's; a resume then refills the
             windows within ``window - 1`` iterations. Defaults to True.
         resume_window (bool): Restore the window state on resume. A
-            checkpoint whose window state does not fit the model is
-            rejected with a message naming the first mismatch; set False to
-            resume without it. Defaults to True.
+            checkpoint whose window state does not fit the model (another
+            config, another number of processes, a missing window file) is
+            rejected with a message naming the first mismatch, on every
+            process; set False to resume without it. Defaults to True.
         atomic_checkpoints (bool): Give the ``CheckpointHook`` the atomic
             local backend (only when it has no backend configured).
             Defaults to True.
@@ -144,7 +208,13 @@ class CBNHook(Hook):
         self.window_unit = window_unit
         self._logged = False
         self._monitoring = False
-        self._gathered = None
+        #: What this process saved for the checkpoint about to be written
+        #: (several processes): {'token', 'world_size', 'files'}.
+        self._saved = None
+        #: Local directories this process wrote window files to.
+        self._window_dirs = []
+        #: The file ``runner.load_checkpoint`` is reading.
+        self._loading = None
 
     @staticmethod
     def _model(runner):
@@ -162,6 +232,7 @@ class CBNHook(Hook):
     def before_run(self, runner) -> None:
         """Gradient accumulation: tell the layers the cycle length (before
         a resume restores windows sized for it)."""
+        self._watch_loads(runner)
         wrapper = getattr(runner, 'optim_wrapper', None)
         if wrapper is None or isinstance(wrapper, dict):
             return
@@ -257,7 +328,7 @@ class CBNHook(Hook):
                 ckpt_hook.every_n_train_iters(runner, ckpt_hook.interval,
                                               ckpt_hook.save_begin) or
                 (ckpt_hook.save_last and self.is_last_train_iter(runner))):
-            self._gather_windows(runner)
+            self._save_rank_windows(runner, ckpt_hook, runner.iter + 1)
 
     def after_train_epoch(self, runner) -> None:
         ckpt_hook = self._find_hook(runner, 'CheckpointHook')
@@ -265,39 +336,93 @@ class CBNHook(Hook):
                 ckpt_hook.every_n_epochs(runner, ckpt_hook.interval,
                                          ckpt_hook.save_begin) or
                 (ckpt_hook.save_last and self.is_last_train_epoch(runner))):
-            self._gather_windows(runner)
+            self._save_rank_windows(runner, ckpt_hook, runner.epoch + 1)
 
     def after_train(self, runner) -> None:
         read_cbn_flags(self._model(runner))  # warn about the last interval
+        if self._window_dirs and _multi_process():
+            # the CheckpointHook of rank 0 may have removed a checkpoint at
+            # the last save: once it is done, drop this process's files of it
+            barrier()
+            self._remove_stale_files(keep=None)
 
     # --------------------------------------------------------- checkpoints
-    def _gather_windows(self, runner) -> None:
-        """Collect every process's window state on rank 0 (a collective:
-        all processes call it at the same point, before rank 0 saves)."""
-        if not self.save_window:
+    def _save_rank_windows(self, runner, ckpt_hook, step: int) -> None:
+        """Several processes: write this process's window state beside the
+        checkpoint the ``CheckpointHook`` is about to save (a collective:
+        every process calls it at the same point, before rank 0 saves)."""
+        if not self.save_window or not _multi_process() or not any(
+                True for _ in cbn_layers(self._model(runner))):
             return
-        state = collect_window_state(self._model(runner))
-        if is_distributed() and get_world_size() > 1:
-            states = [None] * get_world_size() if get_rank() == 0 else None
-            dist.gather_object(state, states, dst=0)
-            self._gathered = (runner.iter, states)
-        else:
-            self._gathered = (runner.iter, [state])
+        world, rank = get_world_size(), get_rank()
+        checkpoint = ckpt_hook.file_backend.join_path(
+            ckpt_hook.out_dir, ckpt_hook.filename_tmpl.format(step))
+        token = (str(runner.timestamp), int(runner.iter))
+        path = rank_file(checkpoint, rank)
+        _write_window_file(
+            path,
+            dict(rank=rank, world_size=world, token=token,
+                 windows=collect_window_state(self._model(runner))))
+        # rank 0 writes the checkpoint only once every window file is whole
+        barrier()
+        self._saved = dict(
+            token=token,
+            world_size=world,
+            files=[osp.basename(rank_file(checkpoint, r))
+                   for r in range(world)])
+        if '://' not in path:
+            directory = osp.dirname(path) or '.'
+            if directory not in self._window_dirs:
+                self._window_dirs.append(directory)
+            self._remove_stale_files(keep=osp.basename(path))
+
+    def _remove_stale_files(self, keep: Optional[str]) -> None:
+        """Delete this process's window files whose checkpoint is gone
+        (removed by ``max_keep_ckpts``), except ``keep``."""
+        rank = get_rank()
+        for directory in self._window_dirs:
+            if not osp.isdir(directory):
+                continue
+            for name in os.listdir(directory):
+                match = _RANK_FILE_RE.match(name)
+                if match is None or name == keep or \
+                        int(match.group('rank')) != rank:
+                    continue
+                ckpt = osp.join(directory, match.group('checkpoint'))
+                if not (osp.exists(ckpt) or osp.exists(ckpt + SUPERSEDED)):
+                    os.unlink(osp.join(directory, name))
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         if not self.save_window or not any(
                 True for _ in cbn_layers(self._model(runner))):
             return
-        gathered = self._gathered
-        if gathered is None or gathered[0] != runner.iter:
-            if is_distributed() and get_world_size() > 1:
-                # e.g. a best checkpoint after validation: other processes'
-                # windows are not at hand, so this one gets none
-                return
-            gathered = (runner.iter,
-                        [collect_window_state(self._model(runner))])
-        checkpoint[CKPT_KEY] = dict(ranks=gathered[1])
-        self._gathered = None
+        saved, self._saved = self._saved, None
+        if _multi_process():
+            # the processes wrote their windows beside the checkpoint; a
+            # checkpoint they did not (e.g. a best checkpoint after
+            # validation) gets none
+            if saved is not None and saved['token'][1] == runner.iter:
+                checkpoint[CKPT_KEY] = saved
+            return
+        checkpoint[CKPT_KEY] = dict(
+            ranks=[collect_window_state(self._model(runner))])
+
+    def _watch_loads(self, runner) -> None:
+        """Note which file ``runner.load_checkpoint`` reads: the window
+        files of several processes lie beside it."""
+        load = getattr(runner, 'load_checkpoint', None)
+        if load is None or getattr(load, '_cbn_watched', False):
+            return
+
+        def load_checkpoint(filename, *args, **kwargs):
+            self._loading = filename
+            try:
+                return load(filename, *args, **kwargs)
+            finally:
+                self._loading = None
+
+        load_checkpoint._cbn_watched = True
+        runner.load_checkpoint = load_checkpoint
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         if not getattr(runner, '_resume', False):
@@ -315,22 +440,67 @@ class CBNHook(Hook):
                 'CBNHook: the checkpoint holds no CBN window state; the '
                 'windows refill within window - 1 iterations.')
             return
-        ranks = saved['ranks']
-        world, rank = get_world_size(), get_rank()
+        error, state = None, None
         try:
-            if len(ranks) != world:
-                raise WindowStateMismatch(
-                    f'it was saved by {len(ranks)} processes and this run has '
-                    f'{world}')
-            count = restore_window_state(model, ranks[rank])
+            state = self._own_state(runner, saved)
+            check_window_state(model, state)
         except WindowStateMismatch as err:
+            error = str(err)
+        failed = self._count_failures(error is not None)
+        if error is None and failed:
+            error = (f'{failed} other process(es) could not restore theirs '
+                     '(their log names the reason)')
+        if error is not None:
             raise WindowStateMismatch(
-                f'CBNHook cannot resume the CBN window state: {err}. To '
+                f'CBNHook cannot resume the CBN window state: {error}. To '
                 'resume without it (the windows then refill within '
                 "window - 1 iterations), use dict(type='CBNHook', "
-                'resume_window=False).') from None
+                'resume_window=False).')
+        count = restore_window_state(model, state)
         print_log(
             f'CBNHook: restored the window state of {count} CBN call '
             'positions.',
             logger='current',
             level=logging.INFO)
+
+    def _own_state(self, runner, saved: Dict[str, Any]) -> Dict[str, Any]:
+        """This process's window state from the checkpoint's entry: in it
+        (one process), or in this process's file beside it."""
+        world, rank = get_world_size(), get_rank()
+        if 'ranks' in saved:  # one process
+            ranks = saved['ranks']
+            if len(ranks) != world:
+                raise WindowStateMismatch(
+                    f'it was saved by {len(ranks)} processes and this run '
+                    f'has {world}')
+            return ranks[rank]
+        if saved['world_size'] != world:
+            raise WindowStateMismatch(
+                f'it was saved by {saved["world_size"]} processes and this '
+                f'run has {world}')
+        source = self._loading or getattr(runner, '_load_from', None) or ''
+        path = osp.join(osp.dirname(source), saved['files'][rank])
+        try:
+            payload = _read_window_file(path)
+        except (CheckpointError, OSError) as err:
+            raise WindowStateMismatch(
+                f'the window file of process {rank}, {path}, is missing or '
+                f'unreadable ({err})') from None
+        if payload.get('rank') != rank or \
+                tuple(payload.get('token', ())) != tuple(saved['token']):
+            raise WindowStateMismatch(
+                f'the window file {path} belongs to another checkpoint or '
+                f'process (rank {payload.get("rank")!r}, saved at '
+                f'{payload.get("token")!r}; the checkpoint expects rank '
+                f'{rank}, {saved["token"]!r})')
+        return payload['windows']
+
+    @staticmethod
+    def _count_failures(failed: bool) -> int:
+        """Several processes: how many others failed (a collective), so
+        that all of them stop together instead of deadlocking later."""
+        if not _multi_process():
+            return 0
+        flags = torch.tensor([int(failed)], dtype=torch.int64)
+        all_reduce(flags)
+        return int(flags[0]) - int(failed)
