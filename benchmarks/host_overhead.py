@@ -68,7 +68,7 @@ from mmcbn import set_cbn_monitor  # noqa: E402
 
 #: Most ops (views not counted) a compensated CBN layer-step (window 4 or
 #: 8) may dispatch, forward + backward. The count measured when the guard
-#: was added (commit after 332678d, 2026-12-05) was 198, rounded up to
+#: was added (2026-12-05, mmcbn/ as of commit 332678d) was 198, rounded up to
 #: 200; adding ops to the hot path fails the guard in
 #: tests/test_benchmarks_host_overhead.py. Issue 18's target is 20: the
 #: lean-hot-path work lowers this constant as it cuts ops, down to 20.
