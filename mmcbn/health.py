@@ -64,6 +64,22 @@ METRICS = OrderedDict(
     batch_vs_window_var=(_DVAR, _DIST_N),
 )
 
+#: The metrics :class:`mmcbn.CBNHook` shows in the text log by default
+#: (``text_log='summary'``), model-wide, once the window is on; the
+#: message hub, the json log and the visualizer backends get every metric.
+#: One per question a reader of the log asks:
+#:
+#: - ``window_fill``: is the window on, and full? (below 1 after burn-in:
+#:   layers fell back to BatchNorm, or windows are refilling);
+#: - ``comp_mean``: is compensation sound? (the correction's size relative
+#:   to the spread it corrects; near 1 the first-order estimate is no longer
+#:   reliable; it grows with ``repaired_frac`` when the weights move too
+#:   fast, and both have their own warnings);
+#: - ``batch_vs_window_var``: does the window buy anything? (how far the
+#:   batch's variance is from the window's: the noise CBN smooths away;
+#:   near 0 the batches are large enough without it).
+SUMMARY_METRICS = ('window_fill', 'comp_mean', 'batch_vs_window_var')
+
 #: Thresholds of the actionable warnings (read after burn-in only).
 REPAIR_WARN = 0.25
 COMP_WARN = 1.0

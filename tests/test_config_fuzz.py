@@ -97,12 +97,15 @@ HOOK_VALID = {
     'interval': lambda v: v is None or is_int(v, 1),
     'window_unit': lambda v: isinstance(v, str) and v in ('iteration',
                                                           'cycle'),
+    'text_log': lambda v: isinstance(v, str) and v in ('summary', 'full',
+                                                       'none'),
 }
 HOOK_BAD = {
     **{key: [1, 0, 'yes', None, 1.0]
        for key in HOOK_BOOLS},
     'interval': [0, -5, 2.5, '10', True, [10], NAN],
     'window_unit': ['iterations', 'epoch', None, 1, ['cycle']],
+    'text_log': ['Summary', 'per_group', None, True, ['full'], NAN],
 }
 
 

@@ -3,8 +3,10 @@
 cost.
 
 - In an mmengine runner the ``cbn_*`` scalars reach the message hub, the
-  text log, the json log and ``scalars.json`` in exactly the iterations the
-  ``LoggerHook`` logs, per layer group on request.
+  json log and ``scalars.json`` in exactly the iterations the
+  ``LoggerHook`` logs, per layer group on request. The text log shows a
+  summary of them once the window is on (``text_log='summary'``), or every
+  one of them (``'full'``), or none (``'none'``).
 - Their values equal an independent computation: a first-order Taylor
   expansion by ``torch.func.jvp`` of the producing convolution on the
   recorded inputs, and :func:`mmcbn.window_statistics`.
@@ -37,8 +39,8 @@ import mmcbn
 import mmcbn.cbn
 from mmcbn import (CBN2d, binding_report, read_cbn_health, set_cbn_iteration,
                    set_cbn_monitor, window_statistics)
-from mmcbn.health import METRICS, health_warnings
-from mmcbn.hooks.cbn_hook import log_key
+from mmcbn.health import METRICS, SUMMARY_METRICS, health_warnings
+from mmcbn.hooks.cbn_hook import CBNHook, log_key
 from sync_counter import SyncCounter
 from tiny_cbn import tiny_config
 
@@ -108,6 +110,12 @@ def json_lines(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def train_lines(path):
+    """The 'Epoch(train)' lines of a text log."""
+    with open(path) as f:
+        return [line for line in f if 'Epoch(train)' in line]
+
+
 def run_files(runner):
     """The run's text log, json log and LocalVisBackend scalars.json."""
     log_dir = runner.log_dir
@@ -121,11 +129,15 @@ def run_files(runner):
 def test_scalars_reach_message_hub_text_log_and_json(tmp_path):
     """LoggerHook interval 3 on 4 iterations per epoch logs batch 2 of each
     epoch (runner iterations 2, 6, 10: not the multiples of 3), burn-in 1.5
-    epochs (iterations 0-5), window 3."""
+    epochs (iterations 0-5), window 3. ``text_log='full'``: the text log
+    shows every value, in burn-in too."""
     watch = WatchScalars()
     runner = run(
-        make_cfg(tmp_path, 3, hook=dict(type='CBNHook', health_by_group=True)),
-        watch)
+        make_cfg(
+            tmp_path,
+            3,
+            hook=dict(type='CBNHook', health_by_group=True,
+                      text_log='full')), watch)
     groups = ('conv1', 'conv2')  # conv1.bn, conv2.bn
     keys = set(MODEL_KEYS) | {f'cbn_{m}_{g}' for m in METRICS for g in groups}
     # exactly the logged iterations, every key each time
@@ -155,8 +167,7 @@ def test_scalars_reach_message_hub_text_log_and_json(tmp_path):
 
     text_log, json_log, scalars = run_files(runner)
     # text log: one 'Epoch(train)' line per logged iteration, with the values
-    with open(text_log) as f:
-        lines = [line for line in f if 'Epoch(train)' in line]
+    lines = train_lines(text_log)
     assert len(lines) == 3
     for line, it in zip(lines, (2, 6, 10)):
         for key, value in watch.updates[it].items():
@@ -175,6 +186,61 @@ def test_scalars_reach_message_hub_text_log_and_json(tmp_path):
                 for k in keys
             } == pytest.approx(
                 watch.updates[it], abs=0)
+
+
+#: The text log's keys with text_log='summary', after burn-in.
+SUMMARY_KEYS = {f'cbn_{m}' for m in SUMMARY_METRICS}
+
+
+@pytest.mark.parametrize('text_log', ['summary', 'none'])
+def test_text_log_shows_a_summary_after_burnin(tmp_path, text_log):
+    """The same run as above with the default ``text_log='summary'`` (and
+    ``'none'``): the text log shows at most 3 ``cbn_*`` values, none in
+    burn-in; the message hub, the json log and scalars.json get every
+    value of every group."""
+    watch = WatchScalars()
+    runner = run(
+        make_cfg(
+            tmp_path,
+            3,
+            hook=dict(type='CBNHook', health_by_group=True,
+                      text_log=text_log)), watch)
+    groups = ('conv1', 'conv2')
+    keys = set(MODEL_KEYS) | {f'cbn_{m}_{g}' for m in METRICS for g in groups}
+    assert len(keys) > 20
+    assert sorted(watch.updates) == [2, 6, 10]
+    assert all(set(values) == keys for values in watch.updates.values())
+
+    text_log_path, json_log, scalars = run_files(runner)
+    lines = train_lines(text_log_path)
+    shown = [set(re.findall(r'(?<!\S)(cbn_\w+): ', line)) for line in lines]
+    expected = SUMMARY_KEYS if text_log == 'summary' else set()
+    assert 0 < len(SUMMARY_KEYS) <= 3
+    # iteration 2 is in burn-in: no cbn_ value; then the summary
+    assert shown == [set(), expected, expected], lines
+    for line, it in zip(lines[1:], (6, 10)):
+        for key in expected:
+            value = f'{watch.updates[it][key]:.4f}'
+            assert re.search(rf'\s{key}: {re.escape(value)}(\s|$)', line)
+    # the rest of each line is mmengine's, untouched
+    assert all(re.search(r'\sloss: \d', line) for line in lines)
+    # the json log and scalars.json: every key, every logged iteration
+    for path in (json_log, scalars):
+        logged = json_lines(path)
+        assert [entry['step'] for entry in logged] == [3, 7, 11]
+        for entry, it in zip(logged, (2, 6, 10)):
+            assert {k: entry[k] for k in keys} == watch.updates[it]
+    # after training the runner's log processor has its own method back
+    assert 'get_log_after_iter' not in vars(runner.log_processor)
+
+
+@pytest.mark.parametrize('bad', ['sumary', 'Full', None, True, ['full']])
+def test_text_log_rejects_a_bad_value(bad):
+    with pytest.raises(ValueError) as err:
+        CBNHook(text_log=bad)
+    message = str(err.value)
+    assert 'text_log' in message and repr(bad) in message
+    assert "'summary', 'full', 'none'" in message
 
 
 @MODELS.register_module()

@@ -5,7 +5,7 @@ import logging
 import os
 import os.path as osp
 import re
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence, Set
 
 import torch
 from mmengine.dist import (all_reduce, barrier, get_rank, get_world_size,
@@ -20,10 +20,10 @@ from mmengine.registry import HOOKS
 from ..control import (binding_summary, cbn_layers, name_cbn_layers,
                        set_cbn_accumulation, set_cbn_epoch_length,
                        set_cbn_iteration)
-from ..health import (health_warnings, read_cbn_flags, read_cbn_health,
-                      set_cbn_monitor)
 from ..checkpoint import (SUPERSEDED, CheckpointError, load_checkpoint_file,
                           register_safe_globals, write_atomically)
+from ..health import (SUMMARY_METRICS, health_warnings, read_cbn_flags,
+                      read_cbn_health, set_cbn_monitor)
 from ..resume import (WindowStateMismatch, check_window_state,
                       collect_window_state, restore_window_state)
 
@@ -75,6 +75,10 @@ def _multi_process() -> bool:
     return is_distributed() and get_world_size() > 1
 
 
+#: Accepted values of ``CBNHook(text_log=...)``.
+TEXT_LOG_STYLES = ('summary', 'full', 'none')
+
+
 def log_key(name: str) -> str:
     """The logged name of a :func:`mmcbn.read_cbn_health` value:
     ``cbn_<metric>``, ``cbn_<metric>_<group>``.
@@ -86,6 +90,21 @@ def log_key(name: str) -> str:
     last ``/``, so per-group values of different metrics would mix.
     """
     return 'cbn_' + name.replace('/', '_')
+
+
+def drop_text_items(text: str, names: Iterable[str]) -> str:
+    """``text`` (a line of mmengine's text log) without its ``name: value``
+    items for ``names``.
+
+    mmengine's ``LogProcessor`` writes every scalar of the message hub as
+    ``name: value``, the items two spaces apart, and a value is one token.
+    """
+    names = sorted(set(names), key=len, reverse=True)
+    if not names:
+        return text
+    pattern = r'(?<!\S)(?:' + '|'.join(map(re.escape, names)) + r'): \S*\s*'
+    out = re.sub(pattern, '', text)
+    return out.rstrip() if out != text else text
 
 
 def _check_bool(name: str, value) -> bool:
@@ -120,10 +139,11 @@ class CBNHook(Hook):
     - In the iterations the ``LoggerHook`` logs, the layers compute health
       metrics on the device; the hook reads them (one host synchronization
       per log interval, none in between) into the message hub as
-      ``train/cbn_<metric>`` scalars, which the text log, the json log,
-      ``scalars.json`` and every visualizer backend receive. The values
-      are those of the logged iteration. It also reads the layers' event
-      counters then, and logs each warning once per run.
+      ``train/cbn_<metric>`` scalars, which the json log, ``scalars.json``
+      and every visualizer backend receive. The text log shows a few of
+      them (``text_log``). The values are those of the logged iteration. It
+      also reads the layers' event counters then, and logs each warning
+      once per run.
     - It saves the window state of every layer with each checkpoint and
       restores it on ``--resume``: a resumed run continues exactly.
       ``load_from`` (fine-tuning) starts with empty windows. One process:
@@ -172,6 +192,21 @@ class CBNHook(Hook):
             (optimizer steps). Either way, entries of the current cycle are
             exact (the weights have not changed). Defaults to
             ``'iteration'``.
+        text_log (str): Which ``cbn_*`` values the text log shows:
+            ``'summary'``, the model-wide ``cbn_window_fill``,
+            ``cbn_comp_mean`` and ``cbn_batch_vs_window_var``
+            (:data:`mmcbn.health.SUMMARY_METRICS` says why these) once a
+            window is on, none during burn-in; ``'full'``, every value the
+            hook logs (with ``health_by_group``, the per-group breakdown)
+            on every line; ``'none'``, no ``cbn_*`` value. The message hub,
+            the json log, ``scalars.json`` and the visualizer backends get
+            every value whatever this says. mmengine's ``LogProcessor``
+            has no option to leave a scalar out of the text line only, so
+            for ``'summary'`` and ``'none'`` the hook wraps the runner's
+            ``log_processor.get_log_after_iter`` during training and takes
+            the hidden ``cbn_*`` items out of the text line it returns (its
+            ``tag``, what the json log and the visualizer get, is left as
+            it is). Defaults to ``'summary'``.
 
     Example:
         >>> custom_hooks = [dict(type='CBNHook')]
@@ -187,7 +222,8 @@ class CBNHook(Hook):
                  save_window: bool = True,
                  resume_window: bool = True,
                  atomic_checkpoints: bool = True,
-                 window_unit: str = 'iteration') -> None:
+                 window_unit: str = 'iteration',
+                 text_log: str = 'summary') -> None:
         self.log_bindings = _check_bool('log_bindings', log_bindings)
         self.health = _check_bool('health', health)
         self.health_by_group = _check_bool('health_by_group',
@@ -206,6 +242,16 @@ class CBNHook(Hook):
             raise ValueError("CBNHook window_unit must be 'iteration' or "
                              f"'cycle', got {window_unit!r}")
         self.window_unit = window_unit
+        if not isinstance(text_log, str) or text_log not in TEXT_LOG_STYLES:
+            raise ValueError(
+                'CBNHook text_log must be one of '
+                f'{", ".join(map(repr, TEXT_LOG_STYLES))}, got {text_log!r}')
+        self.text_log = text_log
+        #: The cbn_* keys logged so far, and whether a window was on in the
+        #: iteration they were read in (for the text log).
+        self._log_keys: Set[str] = set()
+        self._window_on = False
+        self._log_processor = None
         self._logged = False
         self._monitoring = False
         #: What this process saved for the checkpoint about to be written
@@ -322,6 +368,11 @@ class CBNHook(Hook):
             for name, value in metrics.items():
                 runner.message_hub.update_scalar(f'train/{log_key(name)}',
                                                  value)
+            self._log_keys.update(log_key(name) for name in metrics)
+            self._window_on = any(
+                layer.history_lags(runner.iter) > 0
+                for _, layer in cbn_layers(model))
+            self._filter_text_log(runner)
             health_warnings(model)
         ckpt_hook = self._find_hook(runner, 'CheckpointHook')
         if ckpt_hook is not None and not ckpt_hook.by_epoch and (
@@ -345,6 +396,45 @@ class CBNHook(Hook):
             # the last save: once it is done, drop this process's files of it
             barrier()
             self._remove_stale_files(keep=None)
+        self._unfilter_text_log()
+
+    # ------------------------------------------------------------ text log
+    def text_log_keys(self) -> Set[str]:
+        """The ``cbn_*`` keys the text log shows now (see ``text_log``)."""
+        if self.text_log == 'full':
+            return set(self._log_keys)
+        if self.text_log == 'summary' and self._window_on:
+            return {log_key(m) for m in SUMMARY_METRICS} & self._log_keys
+        return set()
+
+    def _filter_text_log(self, runner) -> None:
+        """Wrap the runner's ``log_processor.get_log_after_iter`` (once) so
+        that the train lines of the text log leave out the hidden keys."""
+        processor = getattr(runner, 'log_processor', None)
+        if self.text_log == 'full' or processor is None or \
+                self._log_processor is not None:
+            return
+        original = processor.get_log_after_iter
+
+        def get_log_after_iter(runner, batch_idx: int, mode: str):
+            tag, log_str = original(runner, batch_idx, mode)
+            if mode == 'train':
+                log_str = drop_text_items(
+                    log_str, self._log_keys - self.text_log_keys())
+            return tag, log_str
+
+        processor.get_log_after_iter = get_log_after_iter
+        self._log_processor = (processor, get_log_after_iter)
+
+    def _unfilter_text_log(self) -> None:
+        """Give the log processor its own method back (unless something
+        wrapped it after us: then our filter stays, harmlessly)."""
+        if self._log_processor is None:
+            return
+        processor, wrapper = self._log_processor
+        if vars(processor).get('get_log_after_iter') is wrapper:
+            del processor.get_log_after_iter
+        self._log_processor = None
 
     # --------------------------------------------------------- checkpoints
     def _save_rank_windows(self, runner, ckpt_hook, step: int) -> None:
