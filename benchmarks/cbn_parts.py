@@ -16,6 +16,9 @@ recording         one conv weight-gradient per layer (the d nu / dW
                   (a ``copy_`` of its bytes, in the storage dtype)
 compensation      a plain ``copy_`` of the stored window entries (every
                   buffer of every window, the same bytes)
+window gradient   a plain ``copy_`` of the stored derivatives it reads
+                  (``pbar`` and ``d nu / dW`` of every window), the one
+                  extra pass over the window the window rule needs
 everything else   none: Python and bookkeeping (total extra minus the
                   parts above)
 ================  ========================================================
@@ -34,7 +37,12 @@ Which mmcbn function belongs to which part:
 * recording: ``make_record`` (patch mean, d nu / dW, folding the old
   weight into constants) and ``WindowState.push`` (the ring-buffer write);
 * compensation: ``WindowState.compensated`` (every stored entry read
-  once, ``G . W_now``, and the lag matching).
+  once, ``G . W_now``, and the lag matching);
+* window gradient (``window_grad=True``): ``window_grad_terms`` (in the
+  forward: every stored derivative read once more, weighted by the
+  entries' weights) and ``_window_param_grads`` (in the backward: two
+  weight-sized element-wise ops). Both run inside the normalization's
+  calls and are subtracted from it.
 """
 import dataclasses
 from types import SimpleNamespace
@@ -49,7 +57,7 @@ import mmcbn.window as window_module
 from common import time_round_robin
 from mmcbn.binding import Binding, Producer, _conv_weight_grad
 
-PARTS = ('normalization', 'recording', 'compensation')
+PARTS = ('normalization', 'recording', 'compensation', 'window gradient')
 #: clock name -> part
 _PART_OF = {
     'norm.batch_stats': 'normalization',
@@ -58,6 +66,8 @@ _PART_OF = {
     'record.make': 'recording',
     'record.push': 'recording',
     'compensation': 'compensation',
+    'window_grad.terms': 'window gradient',
+    'window_grad.params': 'window gradient',
 }
 
 
@@ -75,6 +85,7 @@ class PartProbe:
         self.clock = clock
         self.capture = capture
         self.norms, self.records, self.pushes, self.comps = [], [], [], []
+        self.wgrads = []
         self._saved = []
         self._stack = []
 
@@ -130,6 +141,14 @@ class PartProbe:
             state, 'compensated',
             self._timed('compensation', state.compensated,
                         self._keep_comp if cap else None))
+        self._patch(
+            cbn_module, 'window_grad_terms',
+            self._timed('window_grad.terms', cbn_module.window_grad_terms,
+                        self._keep_wgrad if cap else None))
+        self._patch(
+            functional, '_window_param_grads',
+            self._timed('window_grad.params',
+                        functional._window_param_grads))
         # details inside the parts (where the recording and compensation
         # time goes)
         for owner, attr in ((Producer, 'patch_mean'),
@@ -149,7 +168,7 @@ class PartProbe:
 
     # ----------------------------------------------------------- capturing
     def _keep_norm(self, x, weight, bias, cur_mean, cur_var, hist_count,
-                   hist_mean, hist_var, eps, source=None):
+                   hist_mean, hist_var, eps, source=None, window_grad=None):
 
         def leaf(t):
             return None if t is None else \
@@ -162,7 +181,7 @@ class PartProbe:
                  hist_var=hist_var.clone(), eps=eps))
 
     def _keep_record(self, binding, x, mean, var, compensate,
-                     moment_stride=1, phase=()):
+                     moment_stride=1, phase=(), derivatives=False):
         prod = binding.producer
         if prod is not None and binding.status == 'bound':
             # the autograd node's saved input is freed by backward: keep it
@@ -172,7 +191,8 @@ class PartProbe:
         self.records.append(
             dict(binding=Binding(binding.status, prod, binding.reason),
                  x=x.clone(), mean=mean.clone(), var=var.clone(),
-                 compensate=compensate, stride=moment_stride, phase=phase))
+                 compensate=compensate, stride=moment_stride, phase=phase,
+                 derivatives=derivatives))
 
     def _keep_push(self, state, iteration, key, record, count, cycle=None):
         self.pushes.append(
@@ -189,6 +209,14 @@ class PartProbe:
                  weight=weight, bias=bias,
                  cycle=None if cycle is None else cycle + 1))
 
+    def _keep_wgrad(self, slots, match, lag_weight, lag_mean, lag_pos,
+                    mean_bar, need_weight):
+        # the ring's buffers are written over by the step's push: copy
+        self.wgrads.append(
+            dict(slots={k: v.clone() for k, v in slots.items()},
+                 args=(match, lag_weight, lag_mean, lag_pos, mean_bar,
+                       need_weight)))
+
     # -------------------------------------------------------------- totals
     def step_parts(self):
         """Seconds of each part in the steps run so far (since the last
@@ -203,6 +231,8 @@ class PartProbe:
                 continue
             out[_PART_OF[name]][0] += seconds
             calls[name] = n
+        # the window gradient runs inside the normalization's calls
+        out['normalization'][0] -= out['window gradient'][0]
         return {k: tuple(v) for k, v in out.items()}, calls, details
 
 
@@ -303,7 +333,8 @@ def replay_functions(probe, device):
         for c in records:
             record = cbn_module.make_record(c['binding'], c['x'], c['mean'],
                                             c['var'], c['compensate'],
-                                            c['stride'], c['phase'])
+                                            c['stride'], c['phase'],
+                                            c['derivatives'])
             # one cycle per iteration: every replayed entry is a past one
             c['state'].push(iteration[0], c['push']['key'], record,
                             c['push']['count'], iteration[0])
@@ -337,17 +368,36 @@ def replay_functions(probe, device):
             for buf in c['state']._buffers.values():
                 scratch.like(buf).copy_(buf)
 
+    # ---- window gradient: its terms vs a copy of the derivatives it reads
+    wgrads = probe.wgrads
+    wgrad_bytes = sum(_nbytes(c['slots'][name]) for c in wgrads
+                      for name in ('pbar', 'var_grad') if name in c['slots'])
+
+    def window_gradient():
+        for c in wgrads:
+            window_module.window_grad_terms(c['slots'], *c['args'])
+
+    def window_gradient_floor():
+        for c in wgrads:
+            for name in ('pbar', 'var_grad'):
+                if name in c['slots']:
+                    buf = c['slots'][name]
+                    scratch.like(buf).copy_(buf)
+
     fns = dict(normalization=normalization,
                normalization_floor=normalization_floor,
                recording=recording, recording_floor=recording_floor,
                compensation=compensation,
-               compensation_floor=compensation_floor)
+               compensation_floor=compensation_floor,
+               **{'window gradient': window_gradient,
+                  'window gradient_floor': window_gradient_floor})
     info = dict(
         norm_calls=len(norms), record_calls=len(records),
         weight_grad_products=sum(c['floor'] is not None for c in records),
         recording_floor_write_bytes=written,
         compensation_calls=len(comps),
-        compensation_floor_bytes=comp_bytes, convs=convs)
+        compensation_floor_bytes=comp_bytes, window_grad_calls=len(wgrads),
+        window_gradient_floor_bytes=wgrad_bytes, convs=convs)
     return fns, info
 
 
@@ -379,22 +429,22 @@ def part_table(step_extra, replay, in_step, limit=1.2):
     parts = {}
     for part in PARTS:
         cbn, floor = ms[part], ms[f'{part}_floor']
-        parts[part] = dict(cbn_ms=cbn, floor_ms=floor, ratio=cbn / floor,
-                           within=cbn / floor <= limit,
+        ratio = cbn / floor if floor > 0 else None
+        parts[part] = dict(cbn_ms=cbn, floor_ms=floor, ratio=ratio,
+                           within=ratio is not None and ratio <= limit,
                            in_step_ms=1e3 * in_step[part])
     extra_ms = 1e3 * step_extra
     norm_extra = ms['normalization'] - ms['normalization_floor']
-    else_ms = extra_ms - norm_extra - ms['recording'] - ms['compensation']
+    beyond = ('recording', 'compensation', 'window gradient')
+    else_ms = extra_ms - norm_extra - sum(ms[p] for p in beyond)
     else_in_step = (extra_ms - (1e3 * in_step['normalization'] -
                                 ms['normalization_floor']) -
-                    1e3 * in_step['recording'] -
-                    1e3 * in_step['compensation'])
+                    sum(1e3 * in_step[p] for p in beyond))
     parts['everything else'] = dict(cbn_ms=else_ms, floor_ms=0.0,
                                     in_step_ms=else_in_step)
     floors = sum(ms[f'{p}_floor'] for p in PARTS)
-    work = ms['normalization'] + ms['recording'] + ms['compensation'] + \
-        else_ms
-    extra_floor = ms['recording_floor'] + ms['compensation_floor']
+    work = ms['normalization'] + sum(ms[p] for p in beyond) + else_ms
+    extra_floor = sum(ms[f'{p}_floor'] for p in beyond)
     return dict(
         parts=parts,
         extra_ms=extra_ms,

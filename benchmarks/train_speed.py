@@ -64,6 +64,9 @@ NORMS = {
     'CBN w4': dict(type='CBN', window=4),
     'CBN w8': dict(type='CBN', window=8),
     'CBN w16': dict(type='CBN', window=16),
+    # the authors' backward rule: the window gradient's cost is the
+    # difference to 'CBN w8'
+    'CBN w8 const. entries': dict(type='CBN', window=8, window_grad=False),
     'authors w8': dict(type='AuthorsCBN', window=8),
 }
 #: The opt-in fast options, at the configs' window 4 and at 8.
@@ -648,17 +651,18 @@ def print_table(result):
           'floors; extra = CBN step - BN step, in pairs of steps; '
           'everything else = extra - the parts\' extra; "in step" = the '
           'parts timed inside the real steps.')
-    print('| model | norm | extra (ms) | normalization | recording | '
-          'compensation | everything else | parts / floors | floors / '
-          'extra | in step: norm / rec / comp / else |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
+    print('| model | norm | extra (ms) | ' + ' | '.join(PARTS) +
+          ' | everything else | parts / floors | floors / extra | in step: '
+          'norm / rec / comp / wgrad / else |')
+    print('|---' * (len(PARTS) + 7) + '|')
     for prow in result['parts']:
         p = prow['parts']
         cells = []
         for part in PARTS:
             q = p[part]
+            ratio = '-' if q['ratio'] is None else f"{q['ratio']:.2f}"
             cells.append(f"{q['cbn_ms']:.0f} / {q['floor_ms']:.0f}, "
-                         f"{q['ratio']:.2f}{'*' if q['within'] else ''}")
+                         f"{ratio}{'*' if q['within'] else ''}")
         eff = prow['extra_efficiency']
         in_step = ' / '.join(
             f"{p[k]['in_step_ms']:.0f}" for k in PARTS + ('everything else',))
@@ -717,8 +721,8 @@ def plot(result, path):
     prows = result['parts']
     labels = [f"{r['norm']}" + (' (det)' if 'Faster' in r['model'] else '')
               for r in prows]
-    colors = dict(normalization='tab:blue', recording='tab:orange',
-                  compensation='tab:green')
+    colors = {'normalization': 'tab:blue', 'recording': 'tab:orange',
+              'compensation': 'tab:green', 'window gradient': 'tab:purple'}
     for i, prow in enumerate(prows):
         bottom = floor_bottom = 0.0
         for part in PARTS:

@@ -215,15 +215,15 @@ class _WindowNorm(torch.autograd.Function):
                 grad_w = torch.zeros_like(weight) if need_w else None
                 grad_b = torch.zeros_like(weight) if need_b else None
             return (grad_x, grad_w, grad_b) + (None, ) * 5 + \
-                _window_param_grads(ctx, terms, weight, invstd, sums)
+                _no_window_grads(terms, ctx, weight, invstd, sums)
         if not x.is_cuda and not source.distributed and \
                 x.dtype == mean_bar.dtype == grad_y.dtype:
             *grads, sum_dy, sum_dy_xmu = _local_cpu_backward(
                 grad_y, x, weight, mean_bar, invstd, n_eff,
                 ctx.needs_input_grad[:3], terms is not None)
             sums = None if terms is None else torch.cat([sum_dy, sum_dy_xmu])
-            return tuple(grads) + (None, ) * 5 + _window_param_grads(
-                ctx, terms, weight, invstd, sums)
+            return tuple(grads) + (None, ) * 5 + _no_window_grads(
+                terms, ctx, weight, invstd, sums)
         sums = None
         if x.is_cuda:
             grad_y = grad_y.contiguous(
@@ -256,11 +256,20 @@ class _WindowNorm(torch.autograd.Function):
         if not need_b:
             grad_b = None
         return (grad_x, grad_w, grad_b) + (None, ) * 5 + \
-            _window_param_grads(ctx, terms, weight, invstd, sums)
+            _no_window_grads(terms, ctx, weight, invstd, sums)
 
 
-def _window_param_grads(ctx, terms, weight: Optional[Tensor],
-                        invstd: Tensor, sums: Optional[Tensor]) -> tuple:
+def _no_window_grads(terms, *args) -> tuple:
+    """The gradients of ``prod_weight``, ``prod_bias`` and ``terms``:
+    :func:`_window_param_grads` with the window rule, else None."""
+    if terms is None:
+        return (None, None, None)
+    return _window_param_grads(*args, terms=terms)
+
+
+def _window_param_grads(ctx, weight: Optional[Tensor],
+                        invstd: Tensor, sums: Optional[Tensor],
+                        terms=None) -> tuple:
     """The window gradient into the producer's weight and bias (and None
     for ``terms``), from the (combined) sums ``[sum g, sum g (x -
     mean_bar)]``."""

@@ -23,7 +23,7 @@ def test_train_speed_quick_smoke(tmp_path):
                                                        's2+bf16')]
     norms = [r['norm'] for r in result['resnet']]
     assert norms == ['BN', 'GN', 'CBN w1', 'CBN w2', 'CBN w4', 'CBN w8',
-                     'CBN w16', 'authors w8'] + fast
+                     'CBN w16', 'CBN w8 const. entries', 'authors w8'] + fast
     rows = {r['norm']: r for r in result['resnet']}
     assert all(r['step_ms'] > 0 for r in rows.values())
     # exact, load-independent facts: state per stored iteration
@@ -51,16 +51,26 @@ def test_train_speed_quick_smoke(tmp_path):
                               (det, 'CBN'), (det, 'CBN s2+bf16')}
     for (model, norm), p in parts.items():
         for part in ('normalization', 'recording', 'compensation',
-                     'everything else'):
+                     'window gradient', 'everything else'):
             for key in ('cbn_ms', 'floor_ms', 'in_step_ms'):
                 assert math.isfinite(p['parts'][part][key]), (norm, part)
         # in the instrumented step every part ran once per CBN call, and
-        # the replays cover the same calls
+        # the replays cover the same calls; the window gradient in every
+        # call but with the authors' rule (constant entries)
         n, calls = p['norm_calls'], p['calls']
         assert n > 0 and p['record_calls'] == p['compensation_calls'] == n
-        assert calls == {k: n for k in (
-            'norm.batch_stats', 'norm.forward', 'norm.backward',
-            'record.make', 'record.push', 'compensation')}, (norm, calls)
+        expected = ['norm.batch_stats', 'norm.forward', 'norm.backward',
+                    'record.make', 'record.push', 'compensation']
+        window_grad = norm != 'CBN w8 const. entries'
+        if window_grad:
+            expected += ['window_grad.terms', 'window_grad.params']
+        assert calls == {k: n for k in expected}, (norm, calls)
+        assert p['window_grad_calls'] == (n if window_grad else 0)
+        if window_grad and model == 'ResNet-18':
+            # the window gradient reads every stored derivative once
+            by_buffer = rows[norm]['window_bytes_by_buffer']
+            assert p['window_gradient_floor_bytes'] == \
+                by_buffer['var_grad'] + by_buffer['pbar']
         assert p['weight_grad_products'] == n
         if model == 'ResNet-18':
             assert n == 20  # ResNet-18's convs
