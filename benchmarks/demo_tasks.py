@@ -54,12 +54,15 @@ import make_demo_data  # noqa: E402
 #: ``cbnw``: the CBN configs with ``running_stats_from='window'`` (eval
 #: statistics from the window; an ablation, see the README). ``cbnn``:
 #: naive CBN, the CBN configs with ``compensate=False`` (the window without
-#: Taylor compensation).
-NORMS = ('bn', 'gn', 'cbnn', 'cbn', 'cbnw')
+#: Taylor compensation). ``cbna``: the authors' backward rule
+#: (``window_grad=False``: past entries are constants; ``cbn`` uses the
+#: window gradient, the default).
+NORMS = ('bn', 'gn', 'cbnn', 'cbna', 'cbn', 'cbnw')
 #: The CBN-config variants and the norm_cfg option each sets.
 CBN_VARIANTS = {
     'cbnw': 'running_stats_from=window',
     'cbnn': 'compensate=False',
+    'cbna': 'window_grad=False',
 }
 #: Images per batch when statistics are re-estimated (``--population``).
 POPULATION_BATCH = 16
@@ -338,10 +341,10 @@ def summarize(runs: List[Dict], tasks, norms) -> Dict:
 
 #: Display names.
 NAMES = {'bn': 'BN', 'gn': 'GN', 'cbn': 'CBN', 'cbnw': 'CBN-w',
-         'cbnn': 'naive CBN'}
+         'cbnn': 'naive CBN', 'cbna': "CBN, authors' backward"}
 #: The paired comparisons reported, (a, b): a minus b.
 PAIRS = (('cbn', 'bn'), ('cbn', 'gn'), ('cbnw', 'cbn'), ('cbnw', 'bn'),
-         ('cbnn', 'bn'), ('cbn', 'cbnn'))
+         ('cbnn', 'bn'), ('cbn', 'cbnn'), ('cbn', 'cbna'), ('cbna', 'bn'))
 
 
 def paired_differences(summary: Dict, tasks) -> Dict:
@@ -422,7 +425,7 @@ def plot(summary: Dict, tasks, norms, path: str) -> None:
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4))
     axes = [axes] if len(shown) == 1 else list(axes)
     colors = {'bn': '#4c72b0', 'gn': '#55a868', 'cbn': '#c44e52',
-              'cbnw': '#dd8452', 'cbnn': '#8172b3'}
+              'cbnw': '#dd8452', 'cbnn': '#8172b3', 'cbna': '#937860'}
     for ax, (task, metric) in zip(axes, shown):
         for i, norm in enumerate(norms):
             e = summary.get(f'{task}/{norm}')
@@ -561,6 +564,9 @@ def main(argv=None) -> Dict:
             'part that has a norm_cfg',
             cbnn_options='the CBN configs with --cfg-options '
             'model.<part>.norm_cfg.compensate=False (naive CBN)',
+            cbna_options='the CBN configs with --cfg-options '
+            "model.<part>.norm_cfg.window_grad=False (the authors' "
+            'backward rule)',
             reused=args.reuse and osp.relpath(osp.abspath(args.reuse), ROOT),
             reused_runs=sorted(f'{t}_{n}_seed{s}'
                                for (t, n, s) in args.reused

@@ -61,6 +61,12 @@ def run_specs():
              kwargs=dict(window=8), burnin=True),
         dict(name='CBN b4 k4', norm='cbn', batch=4,
              kwargs=dict(window=4), burnin=True),
+        # the authors' backward rule (past entries constant); the rows
+        # above use the window gradient, the library's default
+        dict(name="CBN authors' backward b2 k8", norm='cbn', batch=2,
+             kwargs=dict(window=8, window_grad=False), burnin=True),
+        dict(name="CBN authors' backward b4 k4", norm='cbn', batch=4,
+             kwargs=dict(window=4, window_grad=False), burnin=True),
         # ablation: eval statistics from the window, not the batch
         dict(name='CBN b2 k8 wrs', norm='cbn', batch=2,
              kwargs=dict(window=8, running_stats_from='window'),
@@ -230,6 +236,8 @@ def plot(summary, path, title):
                     markersize=12),
         'wrs': dict(marker='P', color='tab:orange',
                     label='CBN, window running stats'),
+        'authors': dict(marker='x', color='tab:gray',
+                        label="CBN, authors' backward"),
     }
     seen = set()
     for name, v in summary.items():
@@ -237,14 +245,15 @@ def plot(summary, path, title):
             continue
         key = 'gn' if v['norm'] == 'gn' else (
             'naive' if not v['compensate'] else 'wrs' if v.get(
-                'running_stats_from', 'batch') == 'window' else 'cbn')
+                'running_stats_from', 'batch') == 'window' else
+            'authors' if name.startswith("CBN authors'") else 'cbn')
         st = dict(styles[key])
         if key in seen:
             st.pop('label')
         seen.add(key)
         # side by side at the same batch size (log axis)
-        x = v['batch'] * {'gn': 0.9, 'naive': 1.08, 'cbn': 1.17,
-                          'wrs': 1.27}[key]
+        x = v['batch'] * {'gn': 0.9, 'naive': 1.08, 'authors': 1.12,
+                          'cbn': 1.17, 'wrs': 1.27}[key]
         ax.errorbar([x], [v['acc_mean']], yerr=[v['acc_std']],
                     linestyle='none', capsize=3, **st)
         if v['norm'] == 'cbn':
@@ -332,6 +341,12 @@ def main(argv=None):
         wrs_b4_vs_cbn_b4=compare(summary, 'CBN b4 k4 wrs', 'CBN b4 k4'),
         wrs_b2_vs_bn_b2=compare(summary, 'CBN b2 k8 wrs', 'BN b2'),
         wrs_b4_vs_bn_b4=compare(summary, 'CBN b4 k4 wrs', 'BN b4'),
+        cbn_b2_vs_authors_b2=compare(summary, 'CBN b2 k8',
+                                     "CBN authors' backward b2 k8"),
+        cbn_b4_vs_authors_b4=compare(summary, 'CBN b4 k4',
+                                     "CBN authors' backward b4 k4"),
+        authors_b2_vs_bn_b2=compare(summary, "CBN authors' backward b2 k8",
+                                    'BN b2'),
     )
     checks = {k: v for k, v in checks.items() if v is not None}
 

@@ -172,30 +172,47 @@ def load_data(name, args):
 # ---------------------------------------------------------------- runs
 def run_specs(quick=False):
     """name, data, norm, batch, norm kwargs, burn-in fraction, and the BN
-    run it is paired with (same data and batch)."""
+    run it is paired with (same data and batch).
+
+    CBN runs use the library's default backward (the window gradient,
+    ``window_grad=True``) unless named "authors' backward"
+    (``window_grad=False``); naive CBN is ``compensate=False`` with
+    constant entries, and "naive + window grad" the control that keeps
+    naive values but lets the gradient flow as if compensated."""
     s = [dict(name=f'BN b{b}', norm='bn', batch=b, kwargs={})
          for b in (2, 4, 8, 32)]
     s += [
         dict(name='GN b2', norm='gn', batch=2, kwargs=dict(groups=8)),
+        dict(name='GN b4', norm='gn', batch=4, kwargs=dict(groups=8)),
         dict(name='GN b32', norm='gn', batch=32, kwargs=dict(groups=8)),
-        dict(name='naive CBN b2 k8', norm='cbn', batch=2,
-             kwargs=dict(window=8, compensate=False), burnin=0.25),
-        dict(name='naive CBN b4 k4', norm='cbn', batch=4,
-             kwargs=dict(window=4, compensate=False), burnin=0.25),
-        dict(name='CBN b2 k8', norm='cbn', batch=2,
-             kwargs=dict(window=8), burnin=0.25),
-        dict(name='CBN b4 k4', norm='cbn', batch=4,
-             kwargs=dict(window=4), burnin=0.25),
-        dict(name='CBN-w b2 k8', norm='cbn', batch=2,
-             kwargs=dict(window=8, running_stats_from='window'),
-             burnin=0.25),
-        # BN for the first half, CBN for the second
-        dict(name='BN early, CBN late b2 k8', norm='cbn', batch=2,
-             kwargs=dict(window=8), burnin=0.5),
+    ]
+    for batch, k in ((2, 8), (4, 4)):
+        tag = f'b{batch} k{k}'
+        s += [
+            dict(name=f'naive CBN {tag}', norm='cbn', batch=batch,
+                 kwargs=dict(window=k, compensate=False), burnin=0.25),
+            dict(name=f"CBN authors' backward {tag}", norm='cbn',
+                 batch=batch, kwargs=dict(window=k, window_grad=False),
+                 burnin=0.25),
+            dict(name=f'CBN {tag}', norm='cbn', batch=batch,
+                 kwargs=dict(window=k), burnin=0.25),
+            dict(name=f'CBN-w {tag}', norm='cbn', batch=batch,
+                 kwargs=dict(window=k, running_stats_from='window'),
+                 burnin=0.25),
+            dict(name=f'naive + window grad {tag}', norm='cbn',
+                 batch=batch, kwargs=dict(window=k, compensate=False,
+                                          window_grad=True), burnin=0.25),
+            # BN for the first half, CBN for the second
+            dict(name=f'BN early, CBN late {tag}', norm='cbn', batch=batch,
+                 kwargs=dict(window=k), burnin=0.5),
+        ]
+    s += [
         dict(name='digits BN b2', norm='bn', batch=2, kwargs={},
              data='digits'),
         dict(name='digits BN b32', norm='bn', batch=32, kwargs={},
              data='digits'),
+        dict(name='digits CBN b2 k8', norm='cbn', batch=2,
+             kwargs=dict(window=8), burnin=0.25, data='digits'),
     ]
     if quick:
         # cross-check: a burn-in longer than the schedule is BN throughout,
@@ -253,6 +270,18 @@ def train_one(spec, seed, data, args, keep_model=False):
     timer = Timer()
     losses = []
     it = 0
+    # producer weight norms (the stem conv, and the mean over all convs)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    norm_at = {}
+    burnin_it = kwargs.get('burnin', 0)
+    tenth = max(total // 10, 1)
+
+    def weight_norms():
+        with torch.no_grad():
+            return (model.conv1.weight.norm().item(),
+                    statistics.fmean(c.weight.norm().item() for c in convs))
+
+    norm_curve = [weight_norms()]
     model.train()
     for _ in range(args.epochs):
         flip = torch.rand(len(x_tr), generator=gen) < 0.5
@@ -268,9 +297,12 @@ def train_one(spec, seed, data, args, keep_model=False):
             sched.step()
             losses.append(loss.item())
             it += 1
+            if it == burnin_it:
+                norm_at['burnin'] = weight_norms()
+            if it % tenth == 0:
+                norm_curve.append(weight_norms())
     seconds = timer()
     # mean training loss per tenth of the schedule (shows the burn-in switch)
-    tenth = max(total // 10, 1)
     curve = [statistics.fmean(losses[i:i + tenth])
              for i in range(0, total - tenth + 1, tenth)]
     acc = evaluate(model, data['x_te'], data['y_te'])
@@ -281,6 +313,12 @@ def train_one(spec, seed, data, args, keep_model=False):
         train_acc=evaluate(model, x_tr, y_tr),
         train_loss_last_epoch=statistics.fmean(losses[-iters_per_epoch:]),
         loss_curve=curve, iterations=total, lr=lr,
+        train_loss_last_tenth=curve[-1] if curve else float('nan'),
+        stem_norm_end=norm_curve[-1][0],
+        stem_norm_burnin=norm_at.get('burnin', (float('nan'), ))[0],
+        conv_norm_end=norm_curve[-1][1],
+        stem_norm_curve=[n[0] for n in norm_curve],
+        conv_norm_curve=[n[1] for n in norm_curve],
         burnin=kwargs.get('burnin', 0), seconds=seconds)
     if keep_model:
         result['model'] = model
@@ -355,6 +393,12 @@ def measure(datasets, models, args, batches=(2, 16)):
 
 
 # ---------------------------------------------------------------- report
+def _fmean(runs, key):
+    """Seed mean of a diagnostic (NaN where a run lacks it)."""
+    values = [r.get(key, float('nan')) for r in runs]
+    return statistics.fmean(values) if values else float('nan')
+
+
 def summarize(results, specs):
     summary = {}
     for spec in specs:
@@ -375,6 +419,17 @@ def summarize(results, specs):
             acc_pop_std=ps,
             train_loss_last_epoch=statistics.fmean(
                 r['train_loss_last_epoch'] for r in rs),
+            train_loss_last_tenth=_fmean(rs, 'train_loss_last_tenth'),
+            stem_norm_burnin=_fmean(rs, 'stem_norm_burnin'),
+            stem_norm_end=_fmean(rs, 'stem_norm_end'),
+            conv_norm_end=_fmean(rs, 'conv_norm_end'),
+            loss_curve=[statistics.fmean(c) for c in zip(
+                *(r['loss_curve'] for r in rs))],
+            stem_norm_curve=[statistics.fmean(c) for c in zip(
+                *(r.get('stem_norm_curve', []) for r in rs))],
+            window_grad=spec['kwargs'].get(
+                'window_grad', spec['kwargs'].get('compensate', True))
+            if spec['norm'] == 'cbn' else None,
             seconds=sum(r['seconds'] for r in rs))
     return summary
 
@@ -384,9 +439,17 @@ EXTRA_PAIRS = (
     ('BN b2', 'BN b32'), ('BN b4', 'BN b32'), ('digits BN b2',
                                                'digits BN b32'),
     ('GN b2', 'BN b32'), ('CBN b2 k8', 'BN b32'), ('CBN b4 k4', 'BN b32'),
+    ('CBN b2 k8', 'GN b2'), ('CBN-w b2 k8', 'GN b2'),
+    ('CBN b4 k4', 'GN b4'),
+    ('CBN b2 k8', "CBN authors' backward b2 k8"),
+    ('CBN b4 k4', "CBN authors' backward b4 k4"),
     ('CBN b2 k8', 'naive CBN b2 k8'), ('CBN b4 k4', 'naive CBN b4 k4'),
-    ('CBN b2 k8', 'GN b2'), ('CBN-w b2 k8', 'CBN b2 k8'),
-    ('BN early, CBN late b2 k8', 'CBN b2 k8'))
+    ('naive + window grad b2 k8', 'CBN b2 k8'),
+    ('naive + window grad b4 k4', 'CBN b4 k4'),
+    ('CBN-w b2 k8', 'CBN b2 k8'), ('CBN-w b4 k4', 'CBN b4 k4'),
+    ('BN early, CBN late b2 k8', 'CBN b2 k8'),
+    ('BN early, CBN late b4 k4', 'CBN b4 k4'),
+    ('digits CBN b2 k8', 'digits BN b32'))
 
 
 def comparisons(summary, specs):
@@ -419,14 +482,18 @@ def tables(summary, specs, checks):
             '' if big is None else f"{big['diff']:+.2f} "
             f"({big['seeds_a_better']}/{len(v['accs'])})",
             f"{v['acc_pop_mean']:.2f} ± {v['acc_pop_std']:.2f}",
-            f"{v['train_loss_last_epoch']:.3f}", f"{v['seconds']:.0f}"
+            f"{v['train_loss_last_tenth']:.3f}",
+            f"{v['stem_norm_end']:.2f} ({v['stem_norm_burnin']:.2f})"
+            if v['norm'] == 'cbn' else f"{v['stem_norm_end']:.2f}",
+            f"{v['seconds']:.0f}"
         ])
     table = markdown_table([
         'run', 'batch', 'k', 'burn-in it', 'iterations', 'lr',
         'test acc % (mean ± std)',
         'Δ vs BN same batch (± paired s.e.; seeds ahead)',
         'Δ vs BN b32 (seeds ahead)', 'acc, population stats',
-        'train loss, last epoch', 'train s (all seeds)'
+        'train loss, last tenth', 'stem conv weight norm, end (burn-in end)',
+        'train s (all seeds)'
     ], rows)
     check_rows = [[
         k, f"{c['diff']:+.2f}", f"{c['paired_se']:.2f}",
@@ -462,8 +529,9 @@ def plot(summary, checks, path, title):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6),
-                                 gridspec_kw=dict(width_ratios=[1, 1.25]))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9),
+                             gridspec_kw=dict(width_ratios=[1, 1.25]))
+    (ax, bx), (cx, dx) = axes
     for data, style in (('photos', dict(marker='o', color='tab:blue',
                                         label='BN (photos)')),
                         ('digits', dict(marker='o', color='tab:gray',
@@ -478,12 +546,15 @@ def plot(summary, checks, path, title):
     styles = {
         'GN': dict(marker='s', color='tab:green'),
         'naive CBN': dict(marker='v', color='tab:red'),
+        "CBN authors' backward": dict(marker='x', color='tab:gray'),
         'CBN': dict(marker='*', color='tab:purple', markersize=12),
         'CBN-w': dict(marker='P', color='tab:orange'),
+        'naive + window grad': dict(marker='^', color='tab:pink'),
         'BN early, CBN late': dict(marker='D', color='tab:brown'),
     }
-    offsets = {'GN': 0.88, 'naive CBN': 1.06, 'CBN': 1.13, 'CBN-w': 1.21,
-               'BN early, CBN late': 1.3}
+    offsets = {'GN': 0.88, 'naive CBN': 1.04, "CBN authors' backward": 1.09,
+               'CBN': 1.14, 'CBN-w': 1.2, 'naive + window grad': 1.26,
+               'BN early, CBN late': 1.32}
     seen = set()
     for name, v in summary.items():
         if v['norm'] == 'bn' or v['data'] != 'photos':
@@ -521,6 +592,29 @@ def plot(summary, checks, path, title):
     bx.set_xlabel('paired Δ test accuracy vs BN at the same batch '
                   '(points)\ndots: seeds; bars: mean ± paired s.e.')
     bx.grid(axis='x', alpha=0.3)
+    # training dynamics at batch 2: loss and stem conv weight norm per tenth
+    for name, v in summary.items():
+        if v['data'] != 'photos' or v['batch'] != 2:
+            continue
+        key = next((k for k in sorted(styles, key=len, reverse=True)
+                    if name.startswith(k)), None)
+        color = styles[key]['color'] if key else (
+            'tab:blue' if v['norm'] == 'bn' else 'k')
+        tenths = [i + 1 for i in range(len(v['loss_curve']))]
+        cx.plot(tenths, v['loss_curve'], color=color, marker='.',
+                label=name)
+        if v.get('stem_norm_curve'):
+            dx.plot(range(len(v['stem_norm_curve'])), v['stem_norm_curve'],
+                    color=color, marker='.', label=name)
+    cx.set_xlabel('tenth of the schedule')
+    cx.set_ylabel('mean training loss (seed mean)')
+    cx.set_title('batch 2: training loss', fontsize=9)
+    cx.grid(alpha=0.3)
+    cx.legend(fontsize=6)
+    dx.set_xlabel('tenth of the schedule (0: init)')
+    dx.set_ylabel('stem conv weight norm (seed mean)')
+    dx.set_title('batch 2: producer weight norm (stem conv)', fontsize=9)
+    dx.grid(alpha=0.3)
     fig.tight_layout()
     save_png(fig, path, dpi=100)
     plt.close(fig)

@@ -99,7 +99,8 @@ def test_small_batch_quick_smoke(tmp_path):
     summary = data['summary']
     expected = {f'BN b{b}' for b in (2, 4, 8, 16, 32)} | {
         'GN b2', 'GN b32', 'naive CBN b2 k8', 'naive CBN b4 k4',
-        'CBN b2 k8', 'CBN b4 k4', 'CBN b2 k8 wrs', 'CBN b4 k4 wrs'}
+        'CBN b2 k8', 'CBN b4 k4', 'CBN b2 k8 wrs', 'CBN b4 k4 wrs',
+        "CBN authors' backward b2 k8", "CBN authors' backward b4 k4"}
     assert set(summary) == expected
     seeds = data['config']['seeds']
     assert len(seeds) >= 2

@@ -58,19 +58,25 @@ def test_small_batch_photos_quick(quick_run):
     assert data['benchmark'] == 'small_batch_photos'
     assert data['config']['quick'] is True
     summary, runs = data['summary'], data['runs']
+    cbn_runs = ('naive CBN', "CBN authors' backward", 'CBN', 'CBN-w',
+                'naive + window grad', 'BN early, CBN late')
     expected = {f'BN b{b}' for b in (2, 4, 8, 32)} | {
-        'GN b2', 'GN b32', 'naive CBN b2 k8', 'naive CBN b4 k4',
-        'CBN b2 k8', 'CBN b4 k4', 'CBN-w b2 k8',
-        'BN early, CBN late b2 k8', 'digits BN b2', 'digits BN b32',
-        'CBN b2 k8 all burn-in'}
+        'GN b2', 'GN b4', 'GN b32', 'digits BN b2', 'digits BN b32',
+        'digits CBN b2 k8', 'CBN b2 k8 all burn-in'} | {
+            f'{run} {tag}' for run in cbn_runs
+            for tag in ('b2 k8', 'b4 k4')}
     assert set(summary) == expected
     seeds = data['config']['seeds']
     assert len(seeds) == 2
     for name, v in summary.items():
         assert len(v['accs']) == len(seeds)
         for key in ('acc_mean', 'acc_std', 'acc_pop_mean', 'lr',
-                    'train_loss_last_epoch'):
+                    'train_loss_last_epoch', 'train_loss_last_tenth',
+                    'stem_norm_end', 'conv_norm_end'):
             assert finite(v[key]), (name, key)
+        # init + every tenth (every iteration in a run of < 10)
+        tenth = max(v['iterations'] // 10, 1)
+        assert len(v['stem_norm_curve']) == 1 + v['iterations'] // tenth
         assert 0 <= v['acc_mean'] <= 100
         # same epochs for every run, lr scaled linearly with the batch
         n_train = data['config']['train_images'][v['data']]
@@ -83,6 +89,13 @@ def test_small_batch_photos_quick(quick_run):
         0.5 * summary['CBN b2 k8']['iterations'])
     assert summary['naive CBN b2 k8']['compensate'] is False
     assert summary['CBN-w b2 k8']['running_stats_from'] == 'window'
+    # the backward rules: the library default, the authors', the control
+    assert summary['CBN b2 k8']['window_grad'] is True
+    assert summary["CBN authors' backward b2 k8"]['window_grad'] is False
+    assert summary['naive CBN b2 k8']['window_grad'] is False
+    control = summary['naive + window grad b2 k8']
+    assert control['window_grad'] is True and control['compensate'] is False
+    assert finite(summary['CBN b2 k8']['stem_norm_burnin'])
     assert data['config']['classes'] == {'photos': 40, 'digits': 10}
 
     # Cross-check 1: a burn-in as long as the schedule is BN throughout,
@@ -99,9 +112,14 @@ def test_small_batch_photos_quick(quick_run):
         assert a['loss_curve'] == pytest.approx(b['loss_curve'], rel=1e-6)
         assert a['test_acc_population_stats'] == pytest.approx(
             b['test_acc_population_stats'])
-    # ... while the late switch to CBN does change the training
+    # ... while the late switch to CBN does change the training, and so
+    # does the backward rule
     late, cbn = runs['BN early, CBN late b2 k8'], runs['CBN b2 k8']
     assert any(a['loss_curve'] != b['loss_curve'] for a, b in zip(late, cbn))
+    authors = runs["CBN authors' backward b2 k8"]
+    assert any(a['loss_curve'] != b['loss_curve']
+               for a, b in zip(authors, cbn))
+    assert "CBN b2 k8 - CBN authors' backward b2 k8" in data['checks']
 
     # paired differences: every run against BN at its batch, per seed
     checks = data['checks']
