@@ -15,7 +15,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from mmcv.cnn.bricks.conv_ws import ConvWS2d
+try:
+    from mmcv.cnn.bricks.conv_ws import ConvWS2d
+except ImportError:  # torch + mmengine only (the bare GPU check, README)
+    ConvWS2d = None
 from torch import nn
 
 import mmcbn.window
@@ -278,6 +281,8 @@ def test_frozen_producer_uses_exact_window():
 def test_more_producers_match_reference(kind, window):
     """Conv1d/Conv3d producers, the 1x1 stride-2 shortcut (even and odd
     sizes) and a computed weight (weight standardization)."""
+    if kind == 'conv_ws' and ConvWS2d is None:
+        pytest.skip('mmcv is not installed (its ConvWS2d is the producer)')
     ours, ref = build_pair(kind, window)
     assert_same_trajectory(ours, ref, train(ours, kind), train(ref, kind))
     if window > 1:

@@ -277,9 +277,14 @@ def test_bad_option_names_the_value():
     assert 'window_grad' not in repr(CBN2d(4, compensate=False))
     assert CBN2d(4).window_grad is True
     assert CBN2d(4, compensate=False).window_grad is False
-    from mmcv.cnn import build_norm_layer
-    _, layer = build_norm_layer(dict(type='CBN', window_grad=False), 4)
+
+
+def test_config_path():
+    cnn = pytest.importorskip('mmcv.cnn')
+    _, layer = cnn.build_norm_layer(dict(type='CBN', window_grad=False), 4)
     assert layer.window_grad is False
+    _, layer = cnn.build_norm_layer(dict(type='SyncCBN'), 4)
+    assert layer.window_grad is True
 
 
 # ------------------------------------------------------- two processes

@@ -10,7 +10,6 @@ import os.path as osp
 import time
 
 import torch
-from mmcv.cnn import ConvModule
 from mmengine.dist import get_rank
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
@@ -41,6 +40,9 @@ class TwoBlockNet(nn.Module):
 class TinyCBNNet(BaseModel):
 
     def __init__(self, norm_cfg):
+        # mmcv is imported here, so that the tests that only need
+        # TwoBlockNet run where only torch and mmengine are installed
+        from mmcv.cnn import ConvModule
         super().__init__()
         self.conv1 = ConvModule(3, 8, 3, padding=1, norm_cfg=norm_cfg)
         self.conv2 = ConvModule(
