@@ -597,7 +597,7 @@ def test_ema_hook_in_a_runner(tmp_path):
 
 
 # ------------------------------------------------------------ torch.compile
-@pytest.mark.parametrize('backend', ['eager', 'aot_eager'])
+@pytest.mark.parametrize('backend', ['eager', 'aot_eager', 'inductor'])
 def test_torch_compile_runs_every_layer_as_batchnorm(backend):
     """Inside torch.compile there is no autograd graph to bind to: every
     CBN layer runs as BatchNorm and says so (``_compiled`` and the binding
