@@ -11,9 +11,7 @@ over the last ``window`` iterations, each compensated for the change of the
 producing layer's parameters since it was recorded.
 """
 import logging
-import math
-import sys
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,54 +20,21 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .binding import Binding, BindingInfo, find_producer, in_backward
-from .functional import (WindowGrad, batch_norm_with_stats, batch_stats,
-                         stats_dtype, window_norm)
-from .health import DROPPED, NOT_STORED, NUM_FLAGS, SKIPPED, observe
+from .binding import Binding, BindingInfo, in_backward
+from .calls import CallPositions
+from .functional import WindowGrad, batch_stats, stats_dtype, window_norm
+from .health import DROPPED, NOT_STORED, NUM_FLAGS, observe
+from .options import STORE_DTYPES, check_bn_args, check_window_args
+from .running_stats import RunningStatistics
+from .schedule import WindowSchedule
 from .stats_source import LOCAL, StatsSource
+from .tracking import ProducerTracking
 from .window import (WindowState, empty_history, make_record,
-                     window_grad_terms)
+                     record_phase, window_grad_terms)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) \
-            or value < minimum:
-        raise ValueError(
-            f'CBN {name} must be an integer >= {minimum}, got {value!r}')
-    return value
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f'CBN {name} must be True or False, got {value!r}')
-    return value
-
-
-def _is_number(value) -> bool:
-    """A finite int or float (not a bool)."""
-    return not isinstance(value, bool) and isinstance(
-        value, (int, float)) and math.isfinite(value)
-
-
-#: Accepted values of ``running_stats_from``.
-RUNNING_STATS_SOURCES = ('batch', 'window')
-#: Accepted values of ``store_dtype`` (None: the statistics dtype).
-STORE_DTYPES = {None: None, 'bfloat16': torch.bfloat16,
-                'float16': torch.float16}
-
-
-def _phase(iteration: int, position: int, dim: int, stride: int) -> int:
-    """A pseudo-random offset in [0, stride) for one iteration, call
-    position and dimension: deterministic (a resumed run draws the same),
-    computed on the host."""
-    h = (iteration * 0x9E3779B1 + position * 0x85EBCA77 + dim * 0xC2B2AE3D)
-    h ^= h >> 15
-    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
-    h ^= h >> 12
-    return h % stride
-
-
-class _CrossIterationBatchNorm:
+class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
+                               ProducerTracking, RunningStatistics):
     """CBN behaviour shared by the 1d/2d/3d layers (a mixin over BN).
 
     Args:
@@ -128,6 +93,8 @@ class _CrossIterationBatchNorm:
     """
 
     _abbr_ = 'bn'
+    #: Marks CBN layers for modules that must not import this one (health).
+    _cross_iteration_bn = True
     _spatial_dims: int
 
     def __init__(self,
@@ -146,41 +113,16 @@ class _CrossIterationBatchNorm:
                  window_grad: Optional[bool] = None,
                  device=None,
                  dtype=None) -> None:
-        if not _is_number(eps) or eps <= 0:
-            raise ValueError(f'CBN eps must be a number > 0, got {eps!r}')
-        if momentum is not None and (not _is_number(momentum)
-                                     or not 0 <= momentum <= 1):
-            raise ValueError('CBN momentum must be None or a number in '
-                             f'[0, 1], got {momentum!r}')
-        _check_bool('affine', affine)
-        _check_bool('track_running_stats', track_running_stats)
+        check_bn_args(eps, momentum, affine, track_running_stats)
         super().__init__(num_features, eps, momentum, affine,
                          track_running_stats, device, dtype)
-        self.window = _check_int('window', window, 1)
-        if _check_bool('burnin_by_epoch', burnin_by_epoch):
-            if not _is_number(burnin) or burnin < 0:
-                raise ValueError('CBN burnin (epochs) must be a number >= 0, '
-                                 f'got {burnin!r}')
-        else:
-            _check_int('burnin', burnin, 0)
-        _check_bool('compensate', compensate)
-        if not isinstance(running_stats_from, str) or \
-                running_stats_from not in RUNNING_STATS_SOURCES:
-            raise ValueError(
-                'CBN running_stats_from must be one of '
-                f'{", ".join(map(repr, RUNNING_STATS_SOURCES))}, got '
-                f'{running_stats_from!r}')
-        self.moment_stride = _check_int('moment_stride', moment_stride, 1)
-        if not (store_dtype is None or isinstance(store_dtype, str)) or \
-                store_dtype not in STORE_DTYPES:  # (no hash of a list)
-            raise ValueError(
-                'CBN store_dtype must be None, \'bfloat16\' or '
-                f"'float16', got {store_dtype!r}")
+        self.window = window
+        self.window_grad = check_window_args(window, burnin, burnin_by_epoch,
+                                             compensate, running_stats_from,
+                                             moment_stride, store_dtype,
+                                             window_grad)
+        self.moment_stride = moment_stride
         self.store_dtype = store_dtype
-        if window_grad is not None and not isinstance(window_grad, bool):
-            raise ValueError('CBN window_grad must be True, False or None, '
-                             f'got {window_grad!r}')
-        self.window_grad = compensate if window_grad is None else window_grad
         self.burnin = burnin
         self.burnin_by_epoch = burnin_by_epoch
         self.compensate = compensate
@@ -215,78 +157,6 @@ class _CrossIterationBatchNorm:
         self._instance_id = id(self)
         self._rekey: set = set()
 
-    # ----------------------------------------------------------- iterations
-    @property
-    def iteration(self) -> int:
-        """The iteration of the last training forward (-1 before any)."""
-        return self._iteration
-
-    def start_iteration(self, iteration: int) -> None:
-        """Tell the layer that training iteration ``iteration`` begins.
-
-        After the first call the layer stops counting forward calls: calls
-        until the next ``start_iteration`` are call positions of the same
-        iteration (a head shared over FPN levels), each with its own window.
-        """
-        self._iteration = _check_int('iteration', iteration, 0)
-        self._external_iteration = True
-        self._call_position = 0
-
-    @property
-    def burnin_iters(self) -> int:
-        """Burn-in in iterations."""
-        if not self.burnin_by_epoch:
-            return self.burnin
-        if self.iters_per_epoch is None:
-            raise RuntimeError(
-                f'{self._name()} has burnin={self.burnin} epochs '
-                '(burnin_by_epoch=True) but does not know the epoch length: '
-                "add dict(type='CBNHook') to custom_hooks, or call "
-                'mmcbn.set_cbn_epoch_length(model, iters_per_epoch).')
-        return int(round(self.burnin * self.iters_per_epoch))
-
-    def window_at(self, iteration: int) -> int:
-        """The window used at ``iteration`` (1 during burn-in)."""
-        return 1 if iteration < self.burnin_iters else self.window
-
-    def history_lags(self, iteration: int) -> int:
-        """How many earlier iterations the window reaches back at
-        ``iteration``: ``window - 1`` (0 in burn-in); with a window counted
-        in accumulation cycles, the earlier micro-batches of this cycle and
-        every micro-batch of the ``window - 1`` cycles before."""
-        if self.capacity == 0 or iteration < self.burnin_iters:
-            return 0
-        if self.window_in_cycles:
-            return (self.window - 1) * self.cycle_length + \
-                iteration % self.cycle_length
-        return self.window - 1
-
-    @property
-    def capacity(self) -> int:
-        """Earlier iterations a window stores."""
-        if self.window_in_cycles:
-            return self.window * self.cycle_length - 1
-        return self.window - 1
-
-    def set_accumulation(self, cycle_length: int,
-                         window_in_cycles: bool = False) -> None:
-        """Gradient accumulation over ``cycle_length`` micro-batches.
-
-        Inside a cycle the weights do not change, so the entries of earlier
-        micro-batches of the same cycle are used exactly as recorded (no
-        Taylor term): the window holds the exact statistics of the
-        accumulated batch. With ``window_in_cycles`` the window counts
-        cycles: micro-batch ``j`` of a cycle uses the ``j`` before it and
-        all micro-batches of the ``window - 1`` cycles before.
-        """
-        cycle_length = _check_int('cycle_length', cycle_length, 1)
-        before = self.capacity
-        self.cycle_length = cycle_length
-        self.window_in_cycles = bool(window_in_cycles) and cycle_length > 1
-        if self.capacity != before:
-            self._windows.clear()
-            self.bindings.clear()
-
     def window_state_nbytes(self) -> int:
         """Bytes of recorded statistics held for all call positions."""
         return sum(w.nbytes() for w in self._windows)
@@ -295,6 +165,11 @@ class _CrossIterationBatchNorm:
         """Forget the recorded statistics (e.g. after a manual weight edit)."""
         for w in self._windows:
             w.reset()
+
+    def _forget_windows(self) -> None:
+        """Drop every call position's window and binding (a new capacity)."""
+        self._windows.clear()
+        self.bindings.clear()
 
     # ------------------------------------------------------------ the seam
     def _stats_source(self) -> StatsSource:
@@ -327,18 +202,6 @@ class _CrossIterationBatchNorm:
                 f'{self._name()} has num_features={self.num_features} but '
                 f'its input has {x.shape[1]} channels (shape '
                 f'{tuple(x.shape)})')
-
-    def _next_call(self) -> Tuple[int, int]:
-        """The call position and iteration of this training forward."""
-        if self._external_iteration:
-            position = self._call_position
-            self._call_position += 1
-        else:
-            self._iteration += 1
-            position = 0
-        while len(self._windows) <= position:
-            self._add_position()
-        return position, self._iteration
 
     def _add_position(self) -> None:
         """A window (and binding slot) for one more call position."""
@@ -462,7 +325,7 @@ class _CrossIterationBatchNorm:
         """Store this iteration's statistics with what compensation needs."""
         stride = self.moment_stride
         phase = tuple(
-            _phase(iteration, position, d, stride)
+            record_phase(iteration, position, d, stride)
             for d in range(x.dim() - 2)) if stride > 1 else ()
         record = make_record(binding, x.detach().to(stats_dtype(x)), mean_t,
                              var_t, self.compensate, stride, phase,
@@ -472,151 +335,12 @@ class _CrossIterationBatchNorm:
                                           iteration // self.cycle_length)
         self._flag(NOT_STORED, ~ok)
 
-    def _bind(self, x: Tensor, position: int) -> Binding:
-        """Find the producer of ``x``; fall back (and warn) if none."""
-        binding = find_producer(x)
-        self._adopt_after_copy(position, binding)
-        self.bindings[position] = binding.info()
-        if binding.status == 'unbound':
-            if 'unbound' not in self._warned:
-                self._warn_once(
-                    'unbound', f'{self._caller_name()} found no producing '
-                    f'conv/linear layer: {binding.reason}. It falls back to '
-                    'BatchNorm (window 1).')
-            if torch.is_grad_enabled():
-                # (under torch.no_grad, e.g. a teacher's forward, the
-                # producer is unseen, not changed: keep the window)
-                self._windows[position].reset()
-        elif not self._external_iteration:
-            self._check_calls_share_iteration(binding)
-        return binding
-
-    def _adopt_after_copy(self, position: int, binding: Binding) -> None:
-        """Keep the windows of a copied layer (``copy.deepcopy``, an EMA
-        model, unpickling).
-
-        Recorded entries name their producer by its parameters' ``id``,
-        which a copy changes. After a copy, the first binding of each call
-        position takes the entries over if its producer has the same layout
-        and trainability (the producer of a copied model is the copy of the
-        original's); otherwise the window starts afresh, as before. Host
-        bookkeeping only.
-        """
-        if self._instance_id != id(self):
-            self._instance_id = id(self)
-            self._rekey = set(range(len(self._windows)))
-        if position in self._rekey:
-            self._rekey.discard(position)
-            self._windows[position].adopt_key(binding.key)
-
-    def _check_calls_share_iteration(self, binding: Binding) -> None:
-        """Warn if two calls see the same producer state with no iteration
-        given: they belong to one iteration (a head shared over FPN levels)
-        but are counted as two, so the levels share one window.
-
-        The same state: the producer weight's version counter is unchanged
-        (no optimizer step) and no backward pass has run through the
-        previous call's producer (a backward separates iterations and the
-        micro-batches of gradient accumulation, also when the step is
-        skipped, as mixed precision does, or the optimizer leaves the
-        weights alone). Host-side counters only: no synchronization.
-        """
-        prod = binding.producer
-        param = None if prod is None else prod.weight_param
-        if param is None or binding.status != 'bound':
-            self._last_call = None
-            return
-        signature = (id(param), param._version, self._backwards)
-        if signature == self._last_call and \
-                'shared-calls' not in self._warned:
-            self._warn_once(
-                'shared-calls', f'{self._caller_name()} was called twice '
-                'with its producer weights unchanged and no iteration '
-                'given, so every call counts as an iteration. If the calls '
-                'belong to one iteration (a head shared over FPN levels) '
-                "they share one window. Add dict(type='CBNHook') to "
-                'custom_hooks, or call mmcbn.set_cbn_iteration(model, '
-                'iteration) before each training iteration.')
-        self._last_call = signature
-        prod.node.register_prehook(self._count_backward)
-
-    def _count_backward(self, grad_outputs) -> None:
-        """Autograd pre-hook on a producer node: a backward passed."""
-        self._backwards += 1
-
-    def _caller_name(self) -> str:
-        """The layer's name for a warning from its forward: the one
-        CBNHook or :func:`mmcbn.name_cbn_layers` gave, else its path in the
-        outermost module on the call stack (a model trained without the
-        hook), else :meth:`_name`. Walks the stack: for messages only."""
-        if self.cbn_name:
-            return self.cbn_name
-        found = None
-        frame = sys._getframe(1)
-        while frame is not None:
-            owner = frame.f_locals.get('self')
-            if isinstance(owner, nn.Module) and owner is not self:
-                found = next((name for name, module in owner.named_modules()
-                              if module is self), found)
-            frame = frame.f_back
-        return found or self._name()
-
     def _flag(self, index: int, value: Tensor) -> None:
         """Count an event on the device (read by :func:`read_cbn_flags`)."""
         if self._flags is None or self._flags.device != value.device:
             self._flags = torch.zeros(
                 NUM_FLAGS, dtype=torch.int64, device=value.device)
         self._flags[index].add_(value)
-
-    def _batch_norm(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """Plain training-mode BN; running stats updated NaN-safely.
-
-        Returns:
-            tuple[Tensor]: The output and the batch mean and variance.
-        """
-        y, mean_t, var_t = batch_norm_with_stats(x, self.weight, self.bias,
-                                                 self.eps)
-        self._update_running_stats(mean_t, var_t, x.numel() // x.shape[1])
-        return y, mean_t, var_t
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor,
-                              count: Union[int, Tensor]) -> None:
-        """Momentum update, as nn.BatchNorm does, from statistics of
-        ``count`` values per channel (the variance is made unbiased).
-
-        A non-finite statistic leaves the running statistics and
-        ``num_batches_tracked`` as they are (counted for a warning); an
-        empty batch leaves the statistics as they are and counts, as in
-        BatchNorm. Decided on the device: no synchronization.
-        """
-        if not self.track_running_stats or self.running_mean is None:
-            return
-        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-        if isinstance(count, Tensor):
-            nonempty = count > 0
-            bessel = torch.where(count > 1, count / (count - 1).clamp(min=1),
-                                 1.)
-            skipped = nonempty & ~finite
-            update = nonempty & finite
-        else:
-            bessel = count / (count - 1) if count > 1 else 1.0
-            skipped = ~finite if count > 0 else torch.zeros_like(finite)
-            update = finite if count > 0 else skipped
-        self._flag(SKIPPED, skipped)
-        self.num_batches_tracked.add_(~skipped)
-        if self.momentum is None:
-            factor = 1.0 / self.num_batches_tracked.clamp(min=1).to(
-                self.running_mean.dtype)
-        else:
-            factor = self.momentum
-        running_mean, running_var = self.running_mean, self.running_var
-        running_mean.lerp_(
-            torch.where(update, mean.to(running_mean.dtype), running_mean),
-            factor)
-        running_var.lerp_(
-            torch.where(update, (var * bessel).to(running_var.dtype),
-                        running_var), factor)
 
     def extra_repr(self) -> str:
         unit = ' epochs' if self.burnin_by_epoch else ''

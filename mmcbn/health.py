@@ -146,8 +146,10 @@ def _window_terms(acc: Tensor, layer, history, stats, var_t: Tensor,
 
 
 def _layers(model: nn.Module):
-    from .control import cbn_layers
-    return list(cbn_layers(model))
+    """``(name, layer)`` of every CBN layer (marked by the layer class, so
+    that this module imports neither :mod:`.cbn` nor :mod:`.control`)."""
+    return [(name, module) for name, module in model.named_modules()
+            if getattr(module, '_cross_iteration_bn', False)]
 
 
 def read_cbn_flags(model: nn.Module, warn: bool = True) -> Dict[str, dict]:

@@ -74,6 +74,18 @@ class Record:
 _CHUNK_ELEMENTS = 1 << 20
 
 
+def record_phase(iteration: int, position: int, dim: int,
+                 stride: int) -> int:
+    """A pseudo-random offset in [0, stride) for one iteration, call
+    position and dimension: deterministic (a resumed run draws the same),
+    computed on the host."""
+    h = (iteration * 0x9E3779B1 + position * 0x85EBCA77 + dim * 0xC2B2AE3D)
+    h ^= h >> 15
+    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    h ^= h >> 12
+    return h % stride
+
+
 def _group_dot(pbar: Tensor, weight: Tensor) -> Tensor:
     """Per-output-channel ``pbar[group(j)] . W_j``; pbar: (..., G, L)."""
     groups = pbar.shape[-2]

@@ -130,6 +130,7 @@ class TinyCBNNetPartial(TinyCBNNet):
     """TinyCBNNet whose second norm is plain BN (another layer set)."""
 
     def __init__(self, norm_cfg):
+        from mmcv.cnn import ConvModule
         super().__init__(norm_cfg)
         self.conv2 = ConvModule(
             8, 8, 3, stride=2, padding=1, norm_cfg=dict(type='BN'))
