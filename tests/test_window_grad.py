@@ -26,7 +26,8 @@ from dist_utils import run_and_load
 from mmcbn import CBN1d, CBN2d, SyncCBN2d
 from reference_cbn import ReferenceCBN
 from sync_counter import SyncCounter
-from tiny_cbn import TwoBlockNet
+from test_sync_cbn import build as sync_build
+from test_sync_cbn import train as sync_train
 
 
 def two_layers(bias=True, window=4, burnin=4, seed=0, **kw):
@@ -293,40 +294,6 @@ SYNC_CASES = [
     dict(batches=(3, 0), window=4, window_grad=True),
     dict(batches=(2, 2), window=3, compensate=False, window_grad=True),
 ]
-SYNC_STEPS = 10
-
-
-def sync_build(case, sync):
-    kw = {k: v for k, v in case.items() if k != 'batches'}
-    torch.manual_seed(0)
-    norm = (lambda c: SyncCBN2d(c, **kw)) if sync else (
-        lambda c: CBN2d(c, **kw))
-    return TwoBlockNet(norm, (6, 5)).double()
-
-
-def sync_train(model, case, rank=None, world=1):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(5)
-    total, b0 = sum(case['batches']), case['batches'][0]
-    outputs = []
-    for step in range(SYNC_STEPS):
-        x = torch.randn(total, 3, 6, 6, generator=gen, dtype=torch.float64)
-        x = x * (1 + 0.05 * step) + 0.1 * step
-        coef = torch.randn(total, 5, 3, 3, generator=gen,
-                           dtype=torch.float64)
-        if rank is not None:
-            part = slice(0, b0) if rank == 0 else slice(b0, None)
-            x, coef = x[part], coef[part]
-        y = model(x)
-        loss = ((y * coef).sum() + 0.1 * torch.sin(2 * y).sum()) / (
-            world if rank is None else 1)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        outputs.append(y.detach())
-    return outputs
-
-
 def _sync_worker(rank, world, out_dir):
     import os.path as osp
     from torch.nn.parallel import DistributedDataParallel as DDP
