@@ -65,9 +65,34 @@ SCENARIOS = {
     dict(kw=_W4, dtype='float64'),
     'sync_w4_one_image_float64':
     dict(layer='sync', kw=_W4, batch=1, dtype='float64'),
+    # a bfloat16 model (parameters too, no autocast): CUDA only, the CPU
+    # branch cannot run it (test_cuda_audit.py, the xfail)
+    'sync_w4_bf16_model':
+    dict(layer='sync', kw=_W4, dtype='bfloat16', reference=False),
+    # channels_last activations (the CUDA kernels' other layout)
+    'cbn_w4_channels_last':
+    dict(kw=_W4, channels_last=True),
+    # the hook's way: iterations given, gradient accumulation over 2
+    # micro-batches (entries of the same cycle used exactly), running
+    # statistics from the window, cumulative average
+    'cbn_w4_hook_accumulation':
+    dict(
+        kw=dict(_W4, running_stats_from='window', momentum=None),
+        hook=True,
+        accumulate=2,
+        steps=6),
 }
 _DEFAULTS = dict(
-    layer='cbn', steps=5, batch=2, amp=None, monitor=False, dtype='float32')
+    layer='cbn',
+    steps=5,
+    batch=2,
+    amp=None,
+    monitor=False,
+    dtype='float32',
+    channels_last=False,
+    hook=False,
+    accumulate=1,
+    reference=True)
 
 #: Injected faults: the scenario, the mutation (module, function, text,
 #: replacement) or a named patch, and the findings the audit must report.

@@ -63,7 +63,12 @@ def build(s):
                                                                SyncCBN1d)
     kw = s['kw']
     net = Net(lambda c: norm(c, **kw), lambda c: norm1d(c, **kw))
-    return net.to(getattr(torch, s['dtype']))
+    net = net.to(getattr(torch, s['dtype']))
+    if s['channels_last']:
+        net = net.to(memory_format=torch.channels_last)
+    if s['accumulate'] > 1:
+        mmcbn.set_cbn_accumulation(net, s['accumulate'])
+    return net
 
 
 # ------------------------------------------------------------ environment
@@ -154,10 +159,11 @@ def named_patch(name):
 
 
 # -------------------------------------------------------------- the steps
-def step(model, x, amp, device_type):
+def step(model, x, amp, device_type, zero_grad=True):
     """Forward, loss and backward of one training iteration."""
-    for p in model.parameters():
-        p.grad = None
+    if zero_grad:
+        for p in model.parameters():
+            p.grad = None
     ctx = torch.autocast(device_type, dtype=getattr(torch, amp)) if amp \
         else contextlib.nullcontext()
     with ctx:
@@ -187,11 +193,15 @@ def window_steps(s, it):
 
 
 def check_state(model, s):
-    """The window state and running statistics: on the device, float32
-    (the stored ``d nu / d W`` in ``store_dtype`` where set)."""
+    """The window state and running statistics on the device; the window
+    state in float32 (float64 in a float64 model; the stored ``d nu / d W``
+    in ``store_dtype`` where set), the running statistics in the model's
+    dtype."""
     problems = []
     store = s['kw'].get('store_dtype')
-    stats = getattr(torch, s['dtype'])
+    model_dtype = getattr(torch, s['dtype'])
+    stats = torch.float64 if model_dtype == torch.float64 else \
+        torch.float32
     for name, layer in cbn_layers(model):
         tensors = {
             'running_mean': layer.running_mean,
@@ -207,9 +217,9 @@ def check_state(model, s):
             if not isinstance(t, FakeCudaTensor):
                 problems.append(f'{name}.{key} is on {t.device}')
             if t.is_floating_point():
-                want = getattr(
-                    torch,
-                    store) if store and key.endswith('.var_grad') else stats
+                want = getattr(torch, store) if store and key.endswith(
+                    '.var_grad') else model_dtype if key.startswith(
+                        'running') else stats
                 if t.dtype != want:
                     problems.append(f'{name}.{key} is {t.dtype}, not {want}')
         if not layer._windows or not layer._windows[0]._buffers:
@@ -294,6 +304,9 @@ def _run_steps(s, found, errors):
         torch.randn(s['batch'], 3, 8, 8, generator=gen, dtype=dtype)
         for _ in range(s['steps'])
     ]
+    if s['channels_last']:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    cycle = s['accumulate']
     tol = TOLERANCE[s['amp'] or s['dtype']]
 
     def check(*args, **kw):
@@ -308,12 +321,17 @@ def _run_steps(s, found, errors):
             monitor = s['monitor'] and it == len(xs) - 1
             for _, layer in cbn_layers(fake) + cbn_layers(model):
                 layer._monitor = monitor
-            loss_ref, out_ref, _ = step(model, x, s['amp'], 'cpu')
+            if s['hook']:
+                mmcbn.set_cbn_iteration(model, it)
+                mmcbn.set_cbn_iteration(fake, it)
+            fresh = it % cycle == 0  # (gradients accumulate over a cycle)
+            if s['reference']:
+                loss_ref, out_ref, _ = step(model, x, s['amp'], 'cpu', fresh)
             xf = to_fake(x)
             with torch.autograd.set_multithreading_enabled(False), \
-                    CudaAudit() as audit:
+                    CudaAudit(autocast=bool(s['amp'])) as audit:
                 try:
-                    loss, out, raw = step(fake, xf, s['amp'], 'cuda')
+                    loss, out, raw = step(fake, xf, s['amp'], 'cuda', fresh)
                 finally:
                     for k, v in audit.summary().items():
                         found[k] += [f'iteration {it}: {m}' for m in v]
@@ -327,6 +345,10 @@ def _run_steps(s, found, errors):
                     found['kernel_count'].append(
                         f'iteration {it}: {kernel} ran '
                         f'{audit.kernels[kernel]} times, not {want}')
+            if (it + 1) % cycle == 0:
+                sgd(fake)
+            if not s['reference']:
+                continue
             check(f'iteration {it} loss', loss, loss_ref)
             check(f'iteration {it} output', out, out_ref)
             # gradients relative to the largest one (a bias gradient that
@@ -347,10 +369,12 @@ def _run_steps(s, found, errors):
                     p.grad,
                     p_ref.grad,
                     scale=grad_scale)
-            sgd(fake)
-            sgd(model)
+            if (it + 1) % cycle == 0:
+                sgd(model)
     found['state'] += check_state(fake, s)
     found['setup'] += check_setup(fake, s)
+    if not s['reference']:
+        return
     for (lname, layer), (_, ref) in zip(cbn_layers(fake), cbn_layers(model)):
         check(f'{lname}.running_mean', layer.running_mean, ref.running_mean)
         check(f'{lname}.running_var', layer.running_var, ref.running_var)

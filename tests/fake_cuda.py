@@ -53,7 +53,7 @@ CATEGORIES = (
     'host_copy',  # a copy between the host and the device
     'cpu_tensor',  # a CPU tensor created while mmcbn code runs
     'sync',  # an operator that waits for the device
-    'half_stats',  # a float32 -> fp16/bf16 cast inside mmcbn (autocast)
+    'half_stats',  # autocast casts float32 to fp16/bf16 inside mmcbn
     'cpu_branch',  # mmcbn's CPU-only kernels called on "CUDA" tensors
     'kernel_contract',  # a CUDA kernel called against its contract
 )
@@ -269,6 +269,20 @@ def _batch_norm_elemt(x, weight, bias, mean, invstd, eps):
     return y.to(x.dtype)
 
 
+def _native_batch_norm(x, weight, bias, mean, var, training, momentum, eps):
+    """``native_batch_norm`` on the CPU kernel, with CUDA's dtype rules:
+    CUDA reads a half-precision weight and bias next to float statistics
+    (``is_mixed_type`` looks at the weight only), the CPU kernel wants all
+    parameters float then: they are promoted, as CUDA's accessors read
+    them in float."""
+    if x.dtype in _HALF and weight is not None and weight.dtype == x.dtype \
+            and mean is not None and mean.dtype == torch.float32:
+        weight = weight.float()
+        bias = None if bias is None else bias.float()
+    return aten.native_batch_norm.default(x, weight, bias, mean, var, training,
+                                          momentum, eps)
+
+
 #: CUDA-only operators and their emulations (CPU values in, CPU values out).
 CUDA_KERNELS = {
     aten.batch_norm_stats.default: _batch_norm_stats,
@@ -355,6 +369,8 @@ def _run(func, args, kwargs, audit):
             if audit is not None:
                 audit.report('kernel_contract', str(err))
             raise
+    elif func is aten.native_batch_norm.default and fakes:
+        out = _native_batch_norm(*cpu_args, **cpu_kwargs)
     else:
         out = func(*cpu_args, **cpu_kwargs)
     if not on_cuda:
@@ -440,13 +456,20 @@ class CudaAudit(TorchDispatchMode):
     (``Tensor.tolist``/``numpy``/``__array__``/``__repr__`` of a fake CUDA
     tensor: printing a CUDA tensor waits for it) count as ``sync``.
 
+    Args:
+        autocast (bool): The step runs under autocast: a float32 -> half
+            cast inside mmcbn is then autocast reaching its statistics
+            (the autocast state itself is not visible below the autocast
+            kernels).
+
     Attributes:
         found (dict): category -> list of messages ('op at file:line').
         kernels (Counter): calls of the emulated CUDA kernels.
     """
 
-    def __init__(self):
+    def __init__(self, autocast: bool = False):
         super().__init__()
+        self.autocast = autocast
         self.found = defaultdict(list)
         self.kernels = Counter()
         self._patched = {}
@@ -474,7 +497,7 @@ class CudaAudit(TorchDispatchMode):
             self.report('sync', f'{name} {self._here()}')
         if func is aten._to_copy.default and fakes and \
                 kwargs.get('dtype') in _HALF and \
-                args[0].dtype not in _HALF:
+                args[0].dtype not in _HALF and self.autocast:
             frame = _caller()
             if frame is not None and \
                     frame.f_code.co_filename.startswith(_MMCBN_DIR):
