@@ -107,7 +107,15 @@ def welford_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
 def normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
               mean: Tensor, var: Tensor, eps: float) -> Tensor:
     """``weight * (x - mean) / sqrt(var + eps) + bias`` in one fused pass
-    (BatchNorm's eval kernel with the given statistics)."""
+    (BatchNorm's eval kernel with the given statistics).
+
+    The CPU kernel wants the affine parameters in the statistics' dtype
+    when the input is half precision (a bf16/fp16 model: float32
+    statistics, half weight); CUDA's reads them as they are.
+    """
+    if not x.is_cuda and weight is not None and weight.dtype != mean.dtype:
+        weight = weight.to(mean.dtype)
+        bias = None if bias is None else bias.to(mean.dtype)
     return torch.ops.aten.native_batch_norm(x, weight, bias, mean, var,
                                             False, 0.0, eps)[0]
 

@@ -111,15 +111,10 @@ def test_the_child_sees_cuda_and_this_process_does_not(audit):
     assert set(audit) == set(SCENARIOS) | set(MUTANTS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='mmcbn defect (found by the audit, whose CPU reference cannot '
-    'run a bfloat16 model): once the window is on, normalize() calls the '
-    'CPU native_batch_norm with a bf16/fp16 input and weight but float32 '
-    "window statistics, which it rejects ('expected scalar type BFloat16 "
-    "but found Float'); BatchNorm2d trains the same model. Fix: on the "
-    'CPU, promote the weight and bias to the statistics dtype when the '
-    'input is half precision (CUDA reads them so already).')
+# Found by the audit (its CPU reference could not run a bfloat16 model):
+# once the window was on, normalize() called the CPU native_batch_norm with
+# a half input and weight but float32 window statistics, which it rejects;
+# BatchNorm2d trains the same model.
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_a_half_precision_model_trains_after_burn_in_on_the_cpu(dtype):
     torch.manual_seed(0)
@@ -130,3 +125,7 @@ def test_a_half_precision_model_trains_after_burn_in_on_the_cpu(dtype):
         y = layer(conv(torch.randn(2, 3, 4, 4, dtype=dtype)))
         assert y.dtype == dtype
         y.float().square().mean().backward()
+    # trained in the window (not BN), with finite half gradients
+    assert len(layer._windows[0]) == 1
+    for p in (conv.weight, layer.weight, layer.bias):
+        assert p.grad.dtype == dtype and torch.isfinite(p.grad).all()
