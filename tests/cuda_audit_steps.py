@@ -11,8 +11,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 import mmcbn
 import mmcbn.functional as functional
@@ -20,6 +18,7 @@ from cuda_audit_child import EXTRA, MUTANTS, spec
 from fake_cuda import (CATEGORIES, CudaAudit, FakeCudaTensor, model_to_fake,
                        to_fake, unwrap)
 from mmcbn import CBN1d, CBN2d, SyncCBN1d, SyncCBN2d
+from test_gpu_model import Net  # the GPU-model tests' net
 
 #: Largest difference allowed between the CUDA and the CPU branch,
 #: relative to the largest value of the tensor compared.
@@ -33,28 +32,6 @@ TOLERANCE = {
     'bfloat16': 1e-2
 }
 LR = 0.05
-
-
-class Net(nn.Module):
-    """Conv (bias), grouped conv, frozen conv, linear: every producer
-    kind (tests/test_gpu_model.py), each followed by a CBN layer."""
-
-    def __init__(self, norm, norm1d):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.n1 = norm(8)
-        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2, bias=False)
-        self.n2 = norm(8)
-        self.c3 = nn.Conv2d(8, 8, 1).requires_grad_(False)
-        self.n3 = norm(8)
-        self.fc = nn.Linear(8, 6)
-        self.n4 = norm1d(6)
-
-    def forward(self, x):
-        x = F.relu(self.n1(self.c1(x)))
-        x = F.relu(self.n2(self.c2(x)))
-        x = self.n3(self.c3(x)) + x
-        return self.n4(self.fc(x.mean((2, 3))))
 
 
 def build(s):

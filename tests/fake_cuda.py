@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 import mmcbn
-from sync_counter import SYNC_OPS, _bool_index
+from sync_counter import _COPIES, SYNC_OPS, _bool_index
 
 aten = torch.ops.aten
 CUDA = torch.device('cuda', 0)
@@ -296,15 +296,6 @@ CUDA_KERNELS = {
 CPU_BRANCH_OPS = {
     aten.batch_norm_update_stats.default,
     aten.native_batch_norm_backward.default,
-}
-
-#: Copy operators: (destination argument, source argument), as in
-#: sync_counter; None: the ``device`` keyword (or the source's device).
-_COPIES = {
-    aten._to_copy.default: (None, 0),
-    aten.copy_.default: (0, 1),
-    aten._copy_from.default: (1, 0),
-    aten._copy_from_and_resize.default: (1, 0),
 }
 
 _HALF = (torch.float16, torch.bfloat16)
