@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 import mmcbn
-from sync_counter import _COPIES, SYNC_OPS, _bool_index
+from sync_counter import _COPIES, SYNC_OPS, _bool_index, restore_methods
 
 aten = torch.ops.aten
 CUDA = torch.device('cuda', 0)
@@ -556,11 +556,7 @@ class CudaAudit(TorchDispatchMode):
         try:
             return super().__exit__(*exc)
         finally:
-            for name, own in self._patched.items():
-                if own is None:
-                    delattr(FakeCudaTensor, name)
-                else:
-                    setattr(FakeCudaTensor, name, own)
+            restore_methods(FakeCudaTensor, self._patched)
             self._patched = {}
 
     def summary(self) -> dict:

@@ -131,12 +131,9 @@ class SyncCounter(TorchDispatchMode):
         try:
             return super().__exit__(*exc)
         finally:
-            for name, own in self._patched.items():
-                if own is None:
-                    delattr(torch.Tensor, name)  # inherited again
-                else:
-                    setattr(torch.Tensor, name, own)
+            restore_methods(torch.Tensor, self._patched)
             self._patched = {}
+
 
     def _counting(self, name, method):
         counter = self
@@ -177,3 +174,13 @@ class SyncCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+
+def restore_methods(owner: type, saved: dict) -> None:
+    """Put back the methods ``saved`` maps to their own value (None: the
+    class did not define it, so delete the patch: inherited again)."""
+    for name, own in saved.items():
+        if own is None:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, own)
