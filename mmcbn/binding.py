@@ -61,24 +61,43 @@ class Producer:
     def trainable(self) -> bool:
         return self.weight is not None or self.bias is not None
 
-    def _input(self, dtype: torch.dtype) -> Tensor:
+    def _input(self, dtype: Optional[torch.dtype]) -> Tensor:
         name = '_saved_input' if self.kind == 'conv' else (
             '_saved_mat1' if hasattr(self.node, '_saved_mat1') else
             '_saved_self')
-        return getattr(self.node, name).detach().to(dtype)
+        saved = getattr(self.node, name).detach()
+        return saved if dtype is None else saved.to(dtype)
 
-    def patch_mean(self, x: Tensor) -> Tensor:
+    @property
+    def input_node(self):
+        """The autograd node of the producer's input (None: constant)."""
+        index = 1 if type(self.node).__name__ == 'AddmmBackward0' else 0
+        return self.node.next_functions[index][0]
+
+    def input_shape(self) -> Tuple[int, ...]:
+        """The shape of the producer's input."""
+        return tuple(self._input(None).shape)
+
+    def weight_value(self, dtype: torch.dtype) -> Tensor:
+        """The weight the producer used (also a frozen one), detached."""
+        if self.kind == 'conv':
+            return self.node._saved_weight.detach().to(dtype)
+        return self.node._saved_mat2.detach().t().to(dtype)
+
+    def patch_mean(self, x: Tensor, inp: Optional[Tensor] = None) -> Tensor:
         """``d mean / d W``: the mean input patch, shape (groups, L).
 
         ``L`` is ``C_in / groups * prod(kernel)``; output channel ``j`` of
-        group ``g`` uses row ``g``.
+        group ``g`` uses row ``g``. ``inp`` replaces the producer's input
+        (same shape but the channels; groups 1).
         """
         dtype = x.dtype
-        inp = self._input(dtype)
+        if inp is None:
+            inp = self._input(dtype)
         if self.kind == 'linear':
             return inp.mean(0, keepdim=True)
         m = x.numel() // x.shape[1]
-        kernel = self.weight.shape[2:]
+        kernel = self.node._saved_weight.shape[2:]
         if all(k == 1 for k in kernel) and not any(self.padding):
             # 1x1 kernel: the patch is the (strided) input pixel itself
             pixels = inp[(slice(None), slice(None)) +
@@ -96,7 +115,8 @@ class Producer:
         return pbar.reshape(self.groups, -1)
 
     def moment_weight_grad(self, x: Tensor, stride: int = 1,
-                           phase: Tuple[int, ...] = ()) -> Tensor:
+                           phase: Tuple[int, ...] = (),
+                           inp: Optional[Tensor] = None) -> Tensor:
         """``d nu / d W``: shape (C_out, L), ``L`` as in :meth:`patch_mean`.
 
         This product is CBN's main cost that BatchNorm does not have.
@@ -112,7 +132,8 @@ class Producer:
                 dimension (``0 <= phase < stride``).
         """
         dtype = x.dtype
-        inp = self._input(dtype)
+        if inp is None:
+            inp = self._input(dtype)
         if self.kind == 'linear':
             m = x.numel() // x.shape[1]
             return torch.mm(x.t(), inp).mul_(2.0 / m)
@@ -121,8 +142,35 @@ class Producer:
         else:
             conv = self
         m = x.numel() // x.shape[1]
-        grad = _conv_weight_grad(x, inp, self.weight.shape, conv)
+        shape = self.node._saved_weight.shape
+        shape = (shape[0], inp.shape[1] // self.groups) + tuple(shape[2:])
+        grad = _conv_weight_grad(x, inp, shape, conv)
         return grad.reshape(grad.shape[0], -1).mul_(2.0 / max(m, 1))
+
+    def upstream_grads(self, u: Tensor, x: Tensor, centered: Tensor,
+                       stride: int = 1, phase: Tuple[int, ...] = ()
+                       ) -> Tuple[Tensor, Tensor]:
+        """The derivatives of the output's per-channel mean and centered
+        second moment in the ``R`` channel blocks of ``u`` (an input of
+        the producer's input shape times ``R`` channels, each block a
+        direction of the producer input): ``(Hm, Hc)``, both (C_out, R,
+        C_in), contracted with the weight the producer used.
+
+        Args:
+            u (Tensor): (N, R * C_in, ...) the directions.
+            x (Tensor): The producer's output (the CBN input).
+            centered (Tensor): ``x`` minus its per-channel mean.
+            stride (int): As :meth:`moment_weight_grad`.
+            phase (tuple[int]): As :meth:`moment_weight_grad`.
+        """
+        weight = self.weight_value(x.dtype)
+        c_out, c_in = weight.shape[:2]
+        blocks = u.shape[1] // c_in
+        w = weight.reshape(c_out, 1, c_in, -1)
+        pbar = self.patch_mean(x, u).reshape(1, blocks, c_in, -1)
+        grad = self.moment_weight_grad(centered, stride, phase, u)
+        grad = grad.reshape(c_out, blocks, c_in, -1)
+        return (w * pbar).sum(-1), (w * grad).sum(-1)
 
     def _subsampled(self, x: Tensor, inp: Tensor, stride: int,
                     phase: Tuple[int, ...]):
@@ -180,6 +228,11 @@ class BindingInfo:
     key: tuple
     reason: str = ''
     weight_id: Optional[int] = None
+    #: The feeding norms followed (``compensate='upstream'``) and the
+    #: paths that fell back, in words; '' when not asked for.
+    upstream: str = ''
+    #: How many feeding paths fell back.
+    upstream_fallbacks: int = 0
 
 
 @dataclass
@@ -195,6 +248,13 @@ class Binding:
     status: str
     producer: Optional[Producer] = None
     reason: str = ''
+    #: The norms feeding the producer (``compensate='upstream'``).
+    feeding: Optional[object] = None
+
+    @property
+    def feed_token(self) -> Optional[tuple]:
+        """Identity of the feeding norms followed (None: none)."""
+        return None if self.feeding is None else self.feeding.token
 
     @property
     def description(self) -> str:
@@ -216,7 +276,11 @@ class Binding:
             description=self.description,
             key=self.key,
             reason=self.reason,
-            weight_id=None if prod is None else prod.key[1])
+            weight_id=None if prod is None else prod.key[1],
+            upstream='' if self.feeding is None else
+            self.feeding.describe(),
+            upstream_fallbacks=0 if self.feeding is None else len(
+                self.feeding.fallbacks))
 
 
 def _resolve_leaf(node):

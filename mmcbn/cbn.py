@@ -29,6 +29,8 @@ from .running_stats import RunningStatistics
 from .schedule import WindowSchedule
 from .stats_source import LOCAL, StatsSource
 from .tracking import ProducerTracking
+from .upstream import (NormOutput, enable_marks, mark_output, upstream_now,
+                       upstream_params)
 from .window import (WindowState, empty_history, make_record,
                      record_phase, window_grad_terms)
 
@@ -56,8 +58,14 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
             needs the epoch length, which :class:`mmcbn.CBNHook` sets from
             the train dataloader (or call :func:`mmcbn.set_cbn_epoch_length`).
             Defaults to False.
-        compensate (bool): Apply the Taylor compensation. False gives "naive
-            CBN" (stale statistics averaged as they are), for ablations.
+        compensate (bool | str): Apply the Taylor compensation for the
+            producer's parameters (True, the method). ``'upstream'`` also
+            compensates for what the norm layers feeding the producer
+            (through ReLU and residual paths) changed since an entry was
+            recorded (method note, "Upstream-normalization compensation";
+            paths it cannot follow keep the producer-only compensation and
+            are listed in the binding report). False gives "naive CBN"
+            (stale statistics averaged as they are), for ablations.
             Defaults to True.
         running_stats_from (str): What updates the running statistics used
             in eval mode: ``'batch'``, the current batch's statistics as
@@ -106,7 +114,7 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
                  window: int = 8,
                  burnin: Union[int, float] = 0,
                  burnin_by_epoch: bool = False,
-                 compensate: bool = True,
+                 compensate: Union[bool, str] = True,
                  running_stats_from: str = 'batch',
                  moment_stride: int = 1,
                  store_dtype: Optional[str] = None,
@@ -117,6 +125,8 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
         super().__init__(num_features, eps, momentum, affine,
                          track_running_stats, device, dtype)
         self.window = window
+        if compensate == 'upstream':
+            enable_marks()
         self.window_grad = check_window_args(window, burnin, burnin_by_epoch,
                                              compensate, running_stats_from,
                                              moment_stride, store_dtype,
@@ -231,7 +241,9 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
             # no RoI): empty output, running statistics unchanged
             return super().forward(x)
         if self.capacity == 0 and not source.distributed:
-            return self._batch_norm(x)[0]
+            y, mean_t, var_t = self._batch_norm(x)
+            self._mark(y, x, position, mean_t, var_t)
+            return y
         lags = self.history_lags(iteration)
         binding = self._bind(x, position) if self.capacity > 0 else None
         bound = binding is not None and binding.status != 'unbound'
@@ -244,16 +256,26 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
             if history is None and not source.distributed:
                 y, mean_t, var_t = self._batch_norm(x)
                 stats = None
+                self._mark(y, x, position, mean_t, var_t)
             else:
                 mean_t, var_t = batch_stats(x)
                 history = history or empty_history(lags, mean_t)
                 y, stats = self._window_norm(x, mean_t, var_t, history,
                                              source, binding)
+                self._mark(y, x, position, stats.mean_bar, stats.var_bar,
+                           stats)
             if bound and m > 0:
                 self._record(x, binding, position, iteration, mean_t, var_t)
             if self._monitor and self.capacity > 0:
                 observe(self, history, stats, mean_t, var_t, lags)
         return y
+
+    def _mark(self, y: Tensor, x: Tensor, position: int, mean: Tensor,
+              var: Tensor, stats=None) -> None:
+        """Tell the layers fed by this call what it normalized with
+        (upstream compensation; references only)."""
+        mark_output(
+            y, lambda: NormOutput(self, position, x, mean, var, stats))
 
     def _recomputed(self, x: Tensor, source: StatsSource) -> Tensor:
         """Activation checkpointing recomputes this call during backward.
@@ -275,10 +297,14 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
         prod = binding.producer
         use_comp = self.compensate and binding.status == 'bound' and \
             prod is not None
+        feed = binding.feed_token
+        upstream = None if feed is None else upstream_now(
+            binding.feeding, lags)
         return self._windows[position].compensated(
             iteration, lags, binding.key, prod.weight if use_comp else None,
             prod.bias if use_comp else None,
-            cycle=iteration // self.cycle_length)
+            cycle=iteration // self.cycle_length, upstream=upstream,
+            feed=feed)
 
     def _window_norm(self, x: Tensor, mean_t: Tensor, var_t: Tensor,
                      history, source: StatsSource,
@@ -308,16 +334,23 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
             return None
         prod = binding.producer
         weight, bias = prod.live_weight, prod.live_bias
-        if not ((weight is not None and weight.requires_grad) or
-                (bias is not None and bias.requires_grad)):
+        weight = weight if weight is not None and weight.requires_grad \
+            else None
+        bias = bias if bias is not None and bias.requires_grad else None
+        upstream = ()
+        if 'up_dgamma' in history.slots:
+            upstream = tuple(upstream_params(binding.feeding))
+        if weight is None and bias is None and not upstream:
             return None
         slots, match = history.slots, history.match
 
-        def terms(lag_weight, lag_mean, lag_pos, mean_bar, need_weight):
+        def terms(lag_weight, lag_mean, lag_pos, mean_bar, need_weight,
+                  need_upstream):
             return window_grad_terms(slots, match, lag_weight, lag_mean,
-                                     lag_pos, mean_bar, need_weight)
+                                     lag_pos, mean_bar, need_weight,
+                                     need_upstream)
 
-        return WindowGrad(weight, bias, terms)
+        return WindowGrad(weight, bias, terms, upstream)
 
     @torch.no_grad()
     def _record(self, x: Tensor, binding: Binding, position: int,
@@ -332,7 +365,8 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
                              derivatives=self.window_grad)
         ok = self._windows[position].push(iteration, binding.key, record,
                                           x.numel() // x.shape[1],
-                                          iteration // self.cycle_length)
+                                          iteration // self.cycle_length,
+                                          binding.feed_token)
         self._flag(NOT_STORED, ~ok)
 
     def _flag(self, index: int, value: Tensor) -> None:
@@ -350,10 +384,10 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
             extra.append(f'moment_stride={self.moment_stride}')
         if self.store_dtype is not None:
             extra.append(f'store_dtype={self.store_dtype!r}')
-        if self.window_grad != self.compensate:
+        if self.window_grad != bool(self.compensate):
             extra.append(f'window_grad={self.window_grad}')
         return (f'{super().extra_repr()}, window={self.window}, '
-                f'burnin={self.burnin}{unit}, compensate={self.compensate}' +
+                f'burnin={self.burnin}{unit}, compensate={self.compensate!r}' +
                 ''.join(', ' + e for e in extra))
 
 

@@ -174,6 +174,10 @@ class WindowGrad(NamedTuple):
     weight: Optional[Tensor]
     bias: Optional[Tensor]
     terms: Callable
+    #: Upstream compensation: the feeding norms' live ``(param, part,
+    #: start, stop)`` (part 0: gamma, 1: beta; channels ``start:stop`` of
+    #: the terms' ``up_p``/``up_q``).
+    upstream: tuple = ()
 
 
 class _WindowNorm(torch.autograd.Function):
@@ -193,12 +197,13 @@ class _WindowNorm(torch.autograd.Function):
                 bias: Optional[Tensor], mean_bar: Tensor, var_bar: Tensor,
                 n_eff: Tensor, eps: float, source: StatsSource,
                 prod_weight: Optional[Tensor], prod_bias: Optional[Tensor],
-                terms=None) -> Tensor:
+                terms=None, up_slices: tuple = (), *up_params) -> Tensor:
         y = normalize(x, weight, bias, mean_bar, var_bar, eps)
         invstd = torch.rsqrt(var_bar + eps)
         ctx.save_for_backward(x, weight, mean_bar, invstd, n_eff)
         ctx.source = source
         ctx.terms = terms
+        ctx.up_slices = up_slices
         ctx.prod_shapes = (None if prod_weight is None else
                            (prod_weight.shape, prod_weight.dtype),
                            None if prod_bias is None else prod_bias.dtype)
@@ -209,7 +214,8 @@ class _WindowNorm(torch.autograd.Function):
         x, weight, mean_bar, invstd, n_eff = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_pw, need_pb = ctx.needs_input_grad[8:10]
-        terms = ctx.terms if (need_pw or need_pb) else None
+        terms = ctx.terms if (need_pw or need_pb or any(
+            ctx.needs_input_grad[12:])) else None
         source = ctx.source
         channels = x.shape[1]
         grad_x = grad_w = grad_b = None
@@ -267,12 +273,13 @@ class _WindowNorm(torch.autograd.Function):
             _no_window_grads(terms, ctx, weight, invstd, sums)
 
 
-def _no_window_grads(terms, *args) -> tuple:
-    """The gradients of ``prod_weight``, ``prod_bias`` and ``terms``:
+def _no_window_grads(terms, ctx, *args) -> tuple:
+    """The gradients of ``prod_weight``, ``prod_bias``, ``terms``,
+    ``up_slices`` and the upstream parameters:
     :func:`_window_param_grads` with the window rule, else None."""
     if terms is None:
-        return (None, None, None)
-    return _window_param_grads(*args, terms=terms)
+        return (None, ) * (4 + len(ctx.up_slices))
+    return _window_param_grads(ctx, *args, terms=terms)
 
 
 def _window_param_grads(ctx, weight: Optional[Tensor],
@@ -282,7 +289,7 @@ def _window_param_grads(ctx, weight: Optional[Tensor],
     for ``terms``), from the (combined) sums ``[sum g, sum g (x -
     mean_bar)]``."""
     if terms is None or sums is None:
-        return (None, None, None)
+        return (None, ) * (4 + len(ctx.up_slices))
     channels = invstd.shape[0]
     gamma = invstd if weight is None else weight.to(invstd.dtype) * invstd
     g_mean = -gamma * sums[:channels].to(invstd.dtype)
@@ -299,7 +306,18 @@ def _window_param_grads(ctx, weight: Optional[Tensor],
         grad_pw = grad.reshape(w_info[0]).to(w_info[1])
     if b_dtype is not None and ctx.needs_input_grad[9]:
         grad_pb = (g_mean * terms.bu + g_var * terms.bv).to(b_dtype)
-    return (grad_pw, grad_pb, None)
+    up_grads = ()
+    if ctx.up_slices:
+        up_grads = (None, ) * len(ctx.up_slices)
+        if terms.up_p is not None:
+            # dL/d[gamma_t; beta_t] of the feeding norms, (2, C_f)
+            grad_up = torch.einsum('j,jkc->kc', g_mean, terms.up_p) + \
+                torch.einsum('j,jkc->kc', g_var, terms.up_q)
+            up_grads = tuple(
+                grad_up[part, start:stop].to(dtype) if need else None
+                for (part, start, stop, dtype), need in zip(
+                    ctx.up_slices, ctx.needs_input_grad[12:]))
+    return (grad_pw, grad_pb, None, None) + up_grads
 
 
 def _local_cpu_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
@@ -425,12 +443,18 @@ def window_norm(x: Tensor,
             # the input gradient is BatchNorm's with K * n_0 samples
             n_eff = k * count[0]
             prod_weight = prod_bias = terms = None
+            up_slices, up_params = (), ()
             if window_grad is not None:
                 prod_weight, prod_bias = window_grad.weight, window_grad.bias
                 terms = _window_grad_terms(window_grad, hist_count, count,
                                            mean, var, keep, k, mean_bar)
+                up_params = tuple(p for p, *_ in window_grad.upstream)
+                up_slices = tuple((part, start, stop, p.dtype)
+                                  for p, part, start, stop in
+                                  window_grad.upstream)
         y = _WindowNorm.apply(x, weight, bias, mean_bar, var_bar, n_eff, eps,
-                              source, prod_weight, prod_bias, terms)
+                              source, prod_weight, prod_bias, terms,
+                              up_slices, *up_params)
     return y, WindowStats(count, mean, var, keep, mean_bar, var_bar, k)
 
 
@@ -446,4 +470,4 @@ def _window_grad_terms(window_grad: WindowGrad, local_count: Tensor,
     need_weight = window_grad.weight is not None and \
         window_grad.weight.requires_grad
     return window_grad.terms(lag_weight, mean[1:], var[1:] >= 0, mean_bar,
-                             need_weight)
+                             need_weight, bool(window_grad.upstream))

@@ -24,6 +24,8 @@ def is_number(value) -> bool:
         value, (int, float)) and math.isfinite(value)
 
 
+#: Accepted values of ``compensate``.
+COMPENSATIONS = (True, False, 'upstream')
 #: Accepted values of ``running_stats_from``.
 RUNNING_STATS_SOURCES = ('batch', 'window')
 #: Accepted values of ``store_dtype`` (None: the statistics dtype).
@@ -58,7 +60,10 @@ def check_window_args(window, burnin, burnin_by_epoch, compensate,
                              f'got {burnin!r}')
     else:
         check_int('burnin', burnin, 0)
-    check_bool('compensate', compensate)
+    if compensate not in COMPENSATIONS or not isinstance(compensate,
+                                                         (bool, str)):
+        raise ValueError('CBN compensate must be True, False or '
+                         f"'upstream', got {compensate!r}")
     if not isinstance(running_stats_from, str) or \
             running_stats_from not in RUNNING_STATS_SOURCES:
         raise ValueError(
@@ -74,4 +79,4 @@ def check_window_args(window, burnin, burnin_by_epoch, compensate,
     if window_grad is not None and not isinstance(window_grad, bool):
         raise ValueError('CBN window_grad must be True, False or None, '
                          f'got {window_grad!r}')
-    return compensate if window_grad is None else window_grad
+    return bool(compensate) if window_grad is None else window_grad

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .binding import Binding, find_producer
+from .upstream import Feeding, find_feeding
 
 
 class ProducerTracking:
@@ -24,6 +25,14 @@ class ProducerTracking:
     def _bind(self, x: Tensor, position: int) -> Binding:
         """Find the producer of ``x``; fall back (and warn) if none."""
         binding = find_producer(x)
+        if self.compensate == 'upstream' and binding.status == 'bound':
+            prod = binding.producer
+            if prod.groups != 1:
+                binding.feeding = Feeding(
+                    [], [f'a grouped convolution (groups={prod.groups})'])
+            else:
+                binding.feeding = find_feeding(prod.input_node,
+                                               prod.input_shape())
         self._adopt_after_copy(position, binding)
         self.bindings[position] = binding.info()
         if binding.status == 'unbound':
@@ -56,7 +65,8 @@ class ProducerTracking:
             self._rekey = set(range(len(self._windows)))
         if position in self._rekey:
             self._rekey.discard(position)
-            self._windows[position].adopt_key(binding.key)
+            self._windows[position].adopt_key(binding.key,
+                                              binding.feed_token)
 
     def _check_calls_share_iteration(self, binding: Binding) -> None:
         """Warn if two calls see the same producer state with no iteration

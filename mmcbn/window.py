@@ -42,6 +42,8 @@ import torch
 from torch import Tensor
 
 from .binding import Binding
+from .upstream import (Upstream, feeding_state, normalized_inputs,
+                       upstream_shift)
 
 #: The iteration an empty slot pretends to hold: never inside a window.
 _EMPTY_SLOT = -(1 << 62)
@@ -67,6 +69,12 @@ class Record:
     a_var: Tensor
     pbar: Optional[Tensor] = None
     var_grad: Optional[Tensor] = None
+    #: ``compensate='upstream'``: the derivatives (C_out, 2, C_f) of the
+    #: mean and variance in the feeding norms' [gamma; beta], and their
+    #: state (6, C_f) (:mod:`mmcbn.upstream`).
+    up_hm: Optional[Tensor] = None
+    up_hc: Optional[Tensor] = None
+    up_state: Optional[Tensor] = None
 
 
 #: Elements per chunk of a row-wise product (the temporary stays in cache;
@@ -132,6 +140,20 @@ def _group_dot_t(coef: Tensor, pbar: Tensor) -> Tensor:
         -1, length)
 
 
+def _block_dot(deriv: Tensor, shift: Tensor) -> Tensor:
+    """Per slot and output channel ``sum deriv[s, j] * shift[s]``:
+    deriv (S, C_out, 2, C_f), shift (S, 2, C_f) -> (S, C_out)."""
+    slots = deriv.shape[0]
+    return torch.bmm(deriv.reshape(slots, deriv.shape[1], -1),
+                     shift.reshape(slots, -1, 1).to(deriv.dtype))[..., 0]
+
+
+def _without_ids(feed: Optional[tuple]) -> Optional[tuple]:
+    """A feeding-norm identity without the layers' ``id``."""
+    return None if feed is None else tuple(
+        (f[0], ) + tuple(f[2:]) for f in feed)
+
+
 def _weighted_rows(grad: Tensor, coef: Tensor) -> Tensor:
     """``sum_s coef[s, j] grad[s, j, :]``: grad (S, C, L), coef (S, C).
 
@@ -165,11 +187,16 @@ class WindowGradTerms(NamedTuple):
     V: Optional[Tensor]
     bu: Tensor
     bv: Tensor
+    #: Upstream compensation: ``dL/d[gamma_t; beta_t] = gM . up_p + gV .
+    #: up_q`` over the output channels, both (C_out, 2, C_f).
+    up_p: Optional[Tensor] = None
+    up_q: Optional[Tensor] = None
 
 
 def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
                       lag_weight: Tensor, lag_mean: Tensor, lag_pos: Tensor,
-                      mean_bar: Tensor, need_weight: bool) -> WindowGradTerms:
+                      mean_bar: Tensor, need_weight: bool,
+                      need_upstream: bool = False) -> WindowGradTerms:
     """Collect the window gradient of one call (method note, "Gradients",
     window rule) over the ring's slots, before the current record is
     written over one of them.
@@ -200,6 +227,8 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
         lag_pos (Tensor): (L, C) bool, ``v_e >= 0`` (not repaired).
         mean_bar (Tensor): (C, ) the window mean.
         need_weight (bool): Whether to build ``U`` and ``V``.
+        need_upstream (bool): Whether to build the upstream terms (where
+            the slots hold them).
     """
     dtype = lag_mean.dtype
     weight = lag_weight @ match  # (S, )
@@ -210,15 +239,52 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
     wd2 = torch.where(used, 2 * weight.unsqueeze(1) * d, 0.)  # (S, C)
     bv = wd2.sum(0)
     bu = weight.sum().expand(bv.shape)
+    up_p = up_q = None
+    if need_upstream and 'up_dgamma' in slots:
+        up_p, up_q = _upstream_terms(slots, weight, used, wd2, pos_s)
     if not need_weight or 'pbar' not in slots:
-        return WindowGradTerms(None, None, bu, bv)
+        return WindowGradTerms(None, None, bu, bv, up_p, up_q)
     pbar = torch.where(used.unsqueeze(2), slots['pbar'].to(dtype), 0.)
     groups = pbar.shape[1]
     u = (weight @ pbar.reshape(pbar.shape[0], -1)).reshape(groups, -1)
     v = _weighted_rows(slots['var_grad'],
                        torch.where(used, weight.unsqueeze(1) * pos_s, 0.))
     v += _group_dot_t(wd2, pbar)
-    return WindowGradTerms(u, v, bu, bv)
+    return WindowGradTerms(u, v, bu, bv, up_p, up_q)
+
+
+def _upstream_terms(slots: Dict[str, Tensor], weight: Tensor, used: Tensor,
+                    wd2: Tensor, pos_s: Tensor) -> Tuple[Tensor, Tensor]:
+    """The upstream part of the window gradient (``compensate='upstream'``).
+
+    Entry ``s`` moves by ``Hm_s [gamma'_s - gamma_s; beta'_s - beta_s]``
+    (``Hc_s`` for the variance), with ``d gamma' / d gamma_t = a_s``,
+    ``d beta' / d gamma_t = b_s`` and ``d beta' / d beta_t = 1``. With
+    the entry coefficients of :func:`window_grad_terms` (``w_s`` for the
+    mean, ``2 w_s d_s`` and ``w_s [v_s >= 0]`` for the variance)::
+
+        up_p = sum_s w_s J_s Hm_s
+        up_q = sum_s 2 w_s d_s J_s Hm_s + w_s [v_s >= 0] J_s Hc_s
+
+    where ``J_s`` maps ``[d gamma'; d beta']`` to ``[d gamma_t; d
+    beta_t]``.
+    """
+    dtype = wd2.dtype
+    a, b = slots['up_dgamma'], slots['up_dbeta']  # (S, C_f)
+    rows = used.unsqueeze(2).unsqueeze(3)
+
+    def chained(deriv):
+        deriv = torch.where(rows, deriv.to(dtype), 0.)
+        d_gamma = deriv[:, :, 0] * a.unsqueeze(1) + \
+            deriv[:, :, 1] * b.unsqueeze(1)
+        return torch.stack([d_gamma, deriv[:, :, 1]], 2)  # (S, C, 2, C_f)
+
+    hm, hc = chained(slots['up_hm']), chained(slots['up_hc'])
+    coef_v = torch.where(used, weight.unsqueeze(1) * pos_s, 0.)
+    up_p = torch.einsum('s,sjkc->jkc', weight, hm)
+    up_q = torch.einsum('sj,sjkc->jkc', wd2, hm) + torch.einsum(
+        'sj,sjkc->jkc', coef_v, hc)
+    return up_p, up_q
 
 
 def make_record(binding: Binding,
@@ -261,6 +327,15 @@ def make_record(binding: Binding,
             a_var -= _row_dot(record.var_grad, weight)
     if prod.bias is not None and compensate:
         a_mean -= prod.bias.to(dtype)
+    feeding = binding.feeding
+    if compensate and feeding is not None and feeding.paths:
+        u = normalized_inputs(feeding, dtype)
+        centered = x - mean.view((1, -1) + (1, ) * (x.dim() - 2))
+        hm, hc = prod.upstream_grads(u, x, centered, moment_stride, phase)
+        channels = hm.shape[0]
+        record.up_hm = hm.reshape(channels, 2, -1)
+        record.up_hc = hc.reshape(channels, 2, -1)
+        record.up_state = feeding_state(feeding, mean)
     return record
 
 
@@ -322,6 +397,9 @@ class WindowState:
         """Forget every entry."""
         self.iterations: List[Optional[int]] = [None] * self.capacity
         self.key: Optional[tuple] = None
+        #: The feeding norms the entries were recorded under (upstream
+        #: compensation; None: none).
+        self.feed: Optional[tuple] = None
         self._next = 0
         self._buffers: Dict[str, Tensor] = {}
 
@@ -335,11 +413,13 @@ class WindowState:
                    for b in self._buffers.values())
 
     def push(self, iteration: int, key: tuple, record: Record, count: int,
-             cycle: Optional[int] = None) -> Tensor:
+             cycle: Optional[int] = None,
+             feed: Optional[tuple] = None) -> Tensor:
         """Store the record of ``iteration`` over the oldest entry.
 
         ``cycle`` is the accumulation cycle of ``iteration`` (default: the
         iteration itself): entries of the current cycle are exact.
+        ``feed`` names the feeding norms of an upstream-compensated record.
 
         A record with a non-finite statistic is stored as zeros and marked
         unusable, decided on the device.
@@ -361,7 +441,8 @@ class WindowState:
             name in self._COMPRESSIBLE else value.dtype
             for name, value in fields.items()
         }
-        if key != self.key or set(fields) | set(_META) != set(buffers) or \
+        if key != self.key or feed != self.feed or \
+                set(fields) | set(_META) != set(buffers) or \
                 any(buffers[n].shape[1:] != v.shape or
                     buffers[n].device != v.device or
                     buffers[n].dtype != dtypes[n]
@@ -369,6 +450,7 @@ class WindowState:
             # A new producer or a new layout: the old entries do not apply.
             self.reset()
             self.key = key
+            self.feed = feed
             buffers = self._buffers = {
                 name: value.new_zeros((self.capacity, ) + value.shape,
                                       dtype=dtypes[name])
@@ -407,7 +489,7 @@ class WindowState:
         self.iterations[slot] = iteration
         return ok
 
-    def adopt_key(self, key: tuple) -> bool:
+    def adopt_key(self, key: tuple, feed: Optional[tuple] = None) -> bool:
         """Take the entries over for ``key`` if it differs from theirs in
         the parameter ids only (the same producer kind, shapes, arguments
         and trainability): the producer of a copied model.
@@ -424,12 +506,19 @@ class WindowState:
                 else a == b
             if not same:
                 return False
+        if _without_ids(self.feed) != _without_ids(feed):
+            return False
         self.key = key
+        self.feed = feed
         return True
 
-    def has_entries(self, iteration: int, lags: int, key: tuple) -> bool:
+    def has_entries(self, iteration: int, lags: int, key: tuple,
+                    feed=...) -> bool:
         """Whether some slot holds an iteration ``t - lags .. t - 1`` of
-        this producer (host bookkeeping only)."""
+        this producer (and these feeding norms, unless ``feed`` is left
+        out; host bookkeeping only)."""
+        if feed is not ... and feed != self.feed:
+            return False
         return key == self.key and lags > 0 and any(
             it is not None and 1 <= iteration - it <= lags
             for it in self.iterations)
@@ -440,7 +529,9 @@ class WindowState:
                     key: tuple,
                     weight: Optional[Tensor],
                     bias: Optional[Tensor],
-                    cycle: Optional[int] = None) -> Optional[History]:
+                    cycle: Optional[int] = None,
+                    upstream: Optional[Upstream] = None,
+                    feed=...) -> Optional[History]:
         """The entries of lags ``1 .. lags`` at the current parameters.
 
         All slots are compensated at once (no gather copies), then matched
@@ -457,16 +548,29 @@ class WindowState:
             cycle (int, optional): The current accumulation cycle: entries
                 of this cycle were recorded under the current weights and
                 are used exactly as recorded.
+            upstream (Upstream, optional): The feeding norms now: also
+                compensate the entries for their change (where recorded).
+            feed (tuple, optional): The feeding norms' identity, which the
+                entries must have been recorded under (left out: any).
 
         Returns:
             History | None: One row per lag, or None if no slot belongs to
             the window (known on the host).
         """
-        if not self.has_entries(iteration, lags, key):
+        if not self.has_entries(iteration, lags, key, feed):
             return None
         buf = self._buffers
         mean, var = buf['a_mean'], buf['a_var']
         moved = False
+        lag = iteration - buf['iteration']
+        slots = dict(buf)
+        if upstream is not None and 'up_hm' in buf:
+            shift, dgamma, dbeta = upstream_shift(buf['up_state'], lag,
+                                                  upstream)
+            mean = mean + _block_dot(buf['up_hm'], shift)
+            var = var + _block_dot(buf['up_hc'], shift)
+            slots.update(up_dgamma=dgamma, up_dbeta=dbeta)
+            moved = True
         if 'pbar' in buf and weight is not None:
             w = weight.to(mean.dtype)
             mean = mean + _group_dot(buf['pbar'], w)
@@ -482,7 +586,6 @@ class WindowState:
             mean = torch.where(exact, buf['raw_mean'], mean)
             var = torch.where(exact, buf['raw_var'], var)
         finite = torch.isfinite(mean).all(1) & torch.isfinite(var).all(1)
-        lag = iteration - buf['iteration']
         wanted = torch.arange(1, lags + 1, device=lag.device)
         in_window = lag.unsqueeze(0) == wanted.unsqueeze(1)  # (L, S)
         usable = buf['ok'] & finite
@@ -493,7 +596,7 @@ class WindowState:
         var = torch.where(rows, var, 0.)
         return History(match @ buf['count'], match @ mean, match @ var,
                        match @ buf['raw_mean'], match @ buf['raw_var'],
-                       dropped, match, dict(buf))
+                       dropped, match, slots)
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
@@ -503,6 +606,7 @@ class WindowState:
             iterations=list(self.iterations),
             next=self._next,
             key=self.key,
+            feed=self.feed,
             buffers={k: v.detach().cpu()
                      for k, v in self._buffers.items()})
 
@@ -515,6 +619,7 @@ class WindowState:
         self.iterations = list(state['iterations'])
         self._next = int(state['next'])
         self.key = state['key']
+        self.feed = state.get('feed')
         self._buffers = {
             k: v.to(device)
             for k, v in state['buffers'].items()

@@ -141,6 +141,24 @@ def normalize(x: Tensor, mean: Tensor, var: Tensor, eps: float,
     return y
 
 
+def normalization_record(x: Tensor, mu_bar: Tensor, var: Tensor, eps: float,
+                         mu_t: Tensor, nu_t: Tensor,
+                         entries: Dict[int, Tuple[Tensor, Tensor]]) -> dict:
+    """What a reference norm layer normalized with in its last training
+    call (for the upstream-compensation reference): ``xhat`` (the output
+    before the affine), ``mean``/``std`` (``m``, ``sqrt(var + eps)``), the
+    current batch's ``(mu, v)`` and its compensated earlier entries
+    ``{lag: (mu, nu - mu^2)}`` (before the repair), all detached."""
+    shape = (1, -1) + (1, ) * (x.dim() - 2)
+    std = torch.sqrt(var.detach() + eps)
+    return dict(
+        xhat=((x.detach() - mu_bar.detach().view(shape)) / std.view(shape)),
+        mean=mu_bar.detach(),
+        std=std,
+        raw=(mu_t.detach(), (nu_t - mu_t * mu_t).detach()),
+        entries=entries)
+
+
 def _finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -273,6 +291,7 @@ class ReferenceCBN(nn.Module):
         # parameters; the authors' rule takes them as constants
         at = self.params_now(live=True) if self.window_grad else now
         history = self.history.setdefault(position, [])
+        entries = {}
         with torch.set_grad_enabled(self.window_grad and
                                     torch.is_grad_enabled()):
             for s, old_inp, then, count in history:
@@ -284,8 +303,12 @@ class ReferenceCBN(nn.Module):
                         mus.append(mu)
                         nus.append(nu)
                         counts.append(count)
+                        entries[t - s] = (mu.detach(),
+                                          (nu - mu * mu).detach())
         mu_bar, var = window_average(mus, nus)
         y = normalize(x, mu_bar, var, self.eps, self.weight, self.bias)
+        self.last = normalization_record(x, mu_bar, var, self.eps, mu_t,
+                                         nu_t, entries)
         current_ok = _finite(mu_t.detach(), nu_t.detach())
         if self.track_running_stats and current_ok:
             self._update_running(mu_t.detach(), nu_t.detach(),

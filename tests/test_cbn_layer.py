@@ -136,7 +136,8 @@ def test_registered_in_root_registry_for_every_scope(scope):
     (dict(window=True), 'window must be an integer >= 1, got True'),
     (dict(burnin=-1), 'burnin must be an integer >= 0, got -1'),
     (dict(burnin=-0.5, burnin_by_epoch=True), r'burnin \(epochs\)'),
-    (dict(compensate='yes'), "compensate must be True or False, got 'yes'"),
+    (dict(compensate='yes'),
+         "compensate must be True, False or 'upstream', got 'yes'"),
     (dict(running_stats_from='windows'),
      "running_stats_from must be one of 'batch', 'window', got 'windows'"),
 ])
