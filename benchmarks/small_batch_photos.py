@@ -283,6 +283,10 @@ def train_one(spec, seed, data, args, keep_model=False):
 
     norm_curve = [weight_norms()]
     model.train()
+    # the "ceiling" reference (BN only): the samples of the last
+    # ``ceiling - 1`` iterations re-run through the current network with
+    # the current batch, BN over all of them, the loss on the current batch
+    stored = []
     for _ in range(args.epochs):
         flip = torch.rand(len(x_tr), generator=gen) < 0.5
         xa = torch.where(flip[:, None, None, None], x_tr.flip(3), x_tr)
@@ -290,7 +294,12 @@ def train_one(spec, seed, data, args, keep_model=False):
         for i in range(iters_per_epoch):
             idx = perm[i * batch:(i + 1) * batch]
             set_cbn_iteration(model, it)
-            loss = F.cross_entropy(model(xa[idx]), y_tr[idx])
+            if spec.get('ceiling'):
+                out = model(torch.cat([xa[idx]] + stored))[:batch]
+                stored = ([xa[idx]] + stored)[:spec['ceiling'] - 1]
+            else:
+                out = model(xa[idx])
+            loss = F.cross_entropy(out, y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

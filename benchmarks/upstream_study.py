@@ -1,0 +1,296 @@
+# Copyright (c) mmcbn contributors. All rights reserved.
+"""Should I use CBN or GN at batch 2? Each method at its own tuned learning
+rate, on the photo-crops task of ``small_batch_photos.py``.
+
+Protocol:
+
+1. **Tuning.** The training crops are split per class into a training part
+   and a validation part (the last ``--n-val`` training crops of every
+   class). Every method trains on the training part at each base learning
+   rate of ``--lrs`` (``lr = base_lr * batch / 32``, cosine to 0) with the
+   first ``--tune-seeds``, and is scored by its validation accuracy (eval
+   mode). The test crops are not used.
+2. **Final runs.** Each method trains on the whole training set at its
+   chosen learning rate with every seed of ``--seeds`` (paired: a seed
+   fixes the initialization, data order and flips of every method) and is
+   scored on the test crops. Loss curves and producer weight norms per
+   tenth of the schedule are kept.
+
+Methods: BN at batches 2 and 32, GN at batch 2, and CBN at batch 2 with
+window 8 (burn-in 25% of the iterations) in four settings: the producer's
+compensation only (``compensate=True``), the same with window running
+statistics (``running_stats_from='window'``), the upstream-normalization
+compensation (``compensate='upstream'``), and upstream with window running
+statistics. A reference row, the "ceiling", re-runs the samples of the last
+7 iterations through the *current* network with the current batch (BN over
+16 images, the loss on the current 2; 8 times the compute): what a perfect
+compensation would give.
+
+    python benchmarks/upstream_study.py            # full study (1 thread)
+    python benchmarks/upstream_study.py --quick    # smoke test (< 2 min)
+    python benchmarks/upstream_study.py --methods 'GN b2' 'BN b2'
+
+Writes ``upstream_study.json`` and ``upstream_study.png`` into ``--out``.
+Finished runs are kept in ``--work-dir``'s ``runs.jsonl`` (keyed by the
+settings, method, learning rate, split and seed), so that an interrupted
+study, or a study split over several processes with ``--methods``, picks
+them up.
+"""
+import copy
+import hashlib
+import json
+import os
+import os.path as osp
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from common import (ROOT, Timer, benchmark_parser, machine_info,  # noqa: E402
+                    markdown_table, save_png, write_json)
+from small_batch import mean_std  # noqa: E402
+from small_batch_photos import load_data, train_one  # noqa: E402
+
+WINDOW = 8
+BURNIN = 0.25
+
+
+def methods():
+    """The compared methods (``small_batch_photos`` run specs)."""
+    cbn = dict(norm='cbn', batch=2, burnin=BURNIN)
+    out = [
+        dict(name='BN b2', norm='bn', batch=2, kwargs={}),
+        dict(name='BN b32', norm='bn', batch=32, kwargs={}),
+        dict(name='GN b2', norm='gn', batch=2, kwargs=dict(groups=8)),
+        dict(cbn, name='CBN b2', kwargs=dict(window=WINDOW)),
+        dict(cbn, name='CBN-w b2',
+             kwargs=dict(window=WINDOW, running_stats_from='window')),
+        dict(cbn, name='CBN-up b2',
+             kwargs=dict(window=WINDOW, compensate='upstream')),
+        dict(cbn, name='CBN-up-w b2',
+             kwargs=dict(window=WINDOW, compensate='upstream',
+                         running_stats_from='window')),
+        dict(name='ceiling b2', norm='bn', batch=2, kwargs={},
+             ceiling=WINDOW),
+    ]
+    for spec in out:
+        spec.setdefault('burnin', None)
+        spec.setdefault('data', 'photos')
+    return out
+
+
+def validation_split(data, n_val):
+    """The last ``n_val`` training crops of every class as the test set,
+    the others as the training set."""
+    y = data['y_tr']
+    val = torch.zeros(len(y), dtype=torch.bool)
+    for c in y.unique():
+        idx = (y == c).nonzero().flatten()
+        val[idx[-n_val:]] = True
+    out = dict(data)
+    out.update(x_tr=data['x_tr'][~val], y_tr=y[~val],
+               x_te=data['x_tr'][val], y_te=y[val])
+    return out
+
+
+#: Arguments that change what a run computes.
+RUN_ARGS = ('epochs', 'weight_decay', 'widths', 'blocks', 'short', 'grid',
+            'crop', 'n_train', 'n_test', 'n_photos', 'data_seed', 'threads',
+            'n_val', 'quick')
+
+
+def settings_key(args):
+    text = json.dumps({k: getattr(args, k) for k in RUN_ARGS},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_finished(path, args):
+    key, out = settings_key(args), {}
+    if osp.isfile(path):
+        with open(path) as f:
+            for line in f:
+                e = json.loads(line)
+                if e['settings'] == key:
+                    out[(e['name'], e['base_lr'], e['split'],
+                         e['seed'])] = e['run']
+    return out
+
+
+def run(spec, base_lr, split, seed, data, args, finished, path):
+    """One run (reused from ``finished`` when there)."""
+    key = (spec['name'], base_lr, split, seed)
+    if key in finished:
+        return finished[key]
+    run_args = copy.copy(args)
+    run_args.base_lr = base_lr
+    r = train_one(spec, seed, data[split], run_args)
+    r['seed'] = seed
+    with open(path, 'a') as f:
+        f.write(json.dumps(dict(settings=settings_key(args),
+                                name=spec['name'], base_lr=base_lr,
+                                split=split, seed=seed, run=r)) + '\n')
+    print(f"{split:<4} {spec['name']:<12} base lr {base_lr:<5} seed {seed}"
+          f"  acc {r['test_acc']:6.2f}  loss {r['train_loss_last_tenth']:.3f}"
+          f"  {r['seconds']:.0f}s", flush=True)
+    finished[key] = r
+    return r
+
+
+def paired(summary, a, b):
+    """``a - b`` per seed, mean, paired s.e., wins."""
+    if a not in summary or b not in summary:
+        return None
+    d = [x - y for x, y in zip(summary[a]['accs'], summary[b]['accs'])]
+    m, s = mean_std(d)
+    return dict(a=a, b=b, diff=m, paired_se=s / max(len(d), 1)**0.5,
+                per_seed=d, wins=sum(x > 0 for x in d), n=len(d))
+
+
+#: The comparisons reported (a minus b).
+PAIRS = (('CBN-up b2', 'GN b2'), ('CBN-up-w b2', 'GN b2'),
+         ('CBN-up b2', 'BN b32'), ('CBN-up-w b2', 'BN b32'),
+         ('CBN-up b2', 'CBN b2'), ('CBN-up-w b2', 'CBN-w b2'),
+         ('CBN b2', 'GN b2'), ('CBN-w b2', 'GN b2'), ('GN b2', 'BN b32'),
+         ('CBN-up b2', 'BN b2'), ('ceiling b2', 'CBN-up b2'),
+         ('ceiling b2', 'GN b2'))
+
+
+def plot(summary, path, title):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, v in summary.items():
+        tenths = range(1, len(v['loss_curve']) + 1)
+        ax.plot(tenths, v['loss_curve'], marker='.', label=name)
+        bx.plot(range(len(v['stem_norm_curve'])), v['stem_norm_curve'],
+                marker='.', label=name)
+    ax.set_xlabel('tenth of the schedule')
+    ax.set_ylabel('mean training loss (seed mean)')
+    ax.set_title(title, fontsize=9)
+    bx.set_xlabel('tenth of the schedule (0: init)')
+    bx.set_ylabel('stem conv weight norm (seed mean)')
+    for a in (ax, bx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    save_png(fig, path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = benchmark_parser(__doc__, 'tiny smoke run (< 2 min), for tests')
+    parser.add_argument('--seeds', type=int, nargs='+',
+                        default=[0, 1, 2, 3, 4])
+    parser.add_argument('--tune-seeds', type=int, nargs='+', default=[0])
+    parser.add_argument('--lrs', type=float, nargs='+',
+                        default=[0.05, 0.1, 0.2, 0.4],
+                        help='base learning rates tried (at batch 32)')
+    parser.add_argument('--methods', nargs='+', default=None)
+    parser.add_argument('--ceiling-lr', type=float, default=None,
+                        help='base lr of the ceiling row (default: tuned)')
+    parser.add_argument('--epochs', type=int, default=3)
+    parser.add_argument('--weight-decay', type=float, default=5e-4)
+    parser.add_argument('--widths', type=int, nargs='+',
+                        default=[16, 32, 64, 128])
+    parser.add_argument('--blocks', type=int, nargs='+',
+                        default=[1, 1, 1, 1])
+    parser.add_argument('--short', type=int, default=64)
+    parser.add_argument('--grid', type=int, default=2)
+    parser.add_argument('--crop', type=int, default=16)
+    parser.add_argument('--n-train', type=int, default=20)
+    parser.add_argument('--n-test', type=int, default=10)
+    parser.add_argument('--n-val', type=int, default=5)
+    parser.add_argument('--n-photos', type=int, default=None)
+    parser.add_argument('--data-seed', type=int, default=0)
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--work-dir')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.tune_seeds, args.epochs = [0], [0], 1
+        args.lrs = [0.1, 0.4]
+        args.n_photos, args.n_train, args.n_test, args.n_val = 6, 8, 4, 2
+        args.widths = [8, 16, 32, 64]
+    torch.set_num_threads(args.threads)
+    timer = Timer()
+    specs = methods()
+    if args.methods:
+        specs = [s for s in specs if s['name'] in args.methods]
+    photos = load_data('photos', args)
+    data = dict(val=validation_split(photos, args.n_val), test=photos)
+    tag = '_quick' if args.quick else ''
+    work_dir = args.work_dir or osp.join(ROOT, 'work_dirs',
+                                         f'upstream_study{tag}')
+    os.makedirs(work_dir, exist_ok=True)
+    path = osp.join(work_dir, 'runs.jsonl')
+    finished = load_finished(path, args)
+    tuning, chosen = {}, {}
+    for spec in specs:
+        lrs = args.lrs
+        if spec.get('ceiling') and args.ceiling_lr is not None:
+            lrs = [args.ceiling_lr]
+        scores = {}
+        for lr in lrs:
+            accs = [run(spec, lr, 'val', s, data, args, finished,
+                        path)['test_acc'] for s in args.tune_seeds]
+            scores[lr] = statistics.fmean(accs)
+        tuning[spec['name']] = scores
+        chosen[spec['name']] = max(lrs, key=lambda lr: scores[lr])
+    results = {}
+    for seed in args.seeds:
+        for spec in specs:
+            results.setdefault(spec['name'], []).append(
+                run(spec, chosen[spec['name']], 'test', seed, data, args,
+                    finished, path))
+    summary = {}
+    for spec in specs:
+        rs = results[spec['name']]
+        accs = [r['test_acc'] for r in rs]
+        m, s = mean_std(accs)
+        summary[spec['name']] = dict(
+            base_lr=chosen[spec['name']], lr=rs[0]['lr'], accs=accs,
+            acc_mean=m, acc_std=s,
+            val_acc=tuning[spec['name']][chosen[spec['name']]],
+            train_loss_last_tenth=statistics.fmean(
+                r['train_loss_last_tenth'] for r in rs),
+            stem_norm_end=statistics.fmean(r['stem_norm_end'] for r in rs),
+            loss_curve=[statistics.fmean(c) for c in zip(
+                *(r['loss_curve'] for r in rs))],
+            stem_norm_curve=[statistics.fmean(c) for c in zip(
+                *(r['stem_norm_curve'] for r in rs))],
+            seconds_per_run=statistics.fmean(r['seconds'] for r in rs))
+    checks = {f'{a} - {b}': c for a, b in PAIRS
+              if (c := paired(summary, a, b)) is not None}
+    lr_rows = [[name] + [f'{v.get(lr, float("nan")):.1f}' for lr in
+                         args.lrs] + [chosen[name]]
+               for name, v in tuning.items()]
+    lr_table = markdown_table(
+        ['method'] + [f'val acc @ {lr}' for lr in args.lrs] +
+        ['chosen base lr'], lr_rows)
+    table = markdown_table(
+        ['method', 'base lr', f'test acc ({len(args.seeds)} seeds)',
+         'per seed', 'last-tenth loss', 'stem |W| end', 's / run'],
+        [[n, v['base_lr'], f"**{v['acc_mean']:.1f} ± {v['acc_std']:.1f}**",
+          ' / '.join(f'{a:.1f}' for a in v['accs']),
+          f"{v['train_loss_last_tenth']:.2f}", f"{v['stem_norm_end']:.2f}",
+          f"{v['seconds_per_run']:.0f}"] for n, v in summary.items()])
+    check_table = markdown_table(
+        ['a - b', 'paired diff', 'wins'],
+        [[k, f"{c['diff']:+.1f} ± {c['paired_se']:.1f}",
+          f"{c['wins']}/{c['n']}"] for k, c in checks.items()])
+    print(lr_table, table, check_table, sep='\n\n')
+    title = (f"photo crops, batch 2, tuned lr, {len(args.seeds)} seeds")
+    out = dict(benchmark='upstream_study', machine=machine_info(),
+               config=dict(vars(args), window=WINDOW, burnin=BURNIN),
+               tuning=tuning, chosen=chosen, summary=summary, checks=checks,
+               runs=results, lr_markdown=lr_table, table_markdown=table,
+               checks_markdown=check_table, total_seconds=timer())
+    write_json(osp.join(args.out, f'upstream_study{tag}.json'), out)
+    plot(summary, osp.join(args.out, f'upstream_study{tag}.png'), title)
+    return out
+
+
+if __name__ == '__main__':
+    main()
