@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 try:
     from mmcv.cnn.bricks.conv_ws import ConvWS2d
-except ImportError:  # torch + mmengine only (the bare GPU check, README)
+except ImportError:  # torch + mmengine only (the bare GPU check, docs/advanced_guides/testing.md)
     ConvWS2d = None
 from torch import nn
 
