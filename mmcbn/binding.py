@@ -148,8 +148,9 @@ class Producer:
         return grad.reshape(grad.shape[0], -1).mul_(2.0 / max(m, 1))
 
     def upstream_grads(self, u: Tensor, x: Tensor, centered: Tensor,
-                       stride: int = 1, phase: Tuple[int, ...] = ()
-                       ) -> Tuple[Tensor, Tensor]:
+                       stride: int = 1, phase: Tuple[int, ...] = (),
+                       affine: Optional[Tuple[Tensor, Tensor]] = None
+                       ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """The derivatives of the output's per-channel mean and centered
         second moment in the ``R`` channel blocks of ``u`` (an input of
         the producer's input shape times ``R`` channels, each block a
@@ -162,6 +163,11 @@ class Producer:
             centered (Tensor): ``x`` minus its per-channel mean.
             stride (int): As :meth:`moment_weight_grad`.
             phase (tuple[int]): As :meth:`moment_weight_grad`.
+            affine (tuple[Tensor], optional): ``(gamma, beta)``, (P,
+                C_in) each, when the producer's input is exactly
+                ``sum_p gamma_p u_p + beta_p u_{P+p}``: then its own
+                :meth:`moment_weight_grad` is the same combination of the
+                directions' (returned third, no extra product).
         """
         weight = self.weight_value(x.dtype)
         c_out, c_in = weight.shape[:2]
@@ -170,7 +176,12 @@ class Producer:
         pbar = self.patch_mean(x, u).reshape(1, blocks, c_in, -1)
         grad = self.moment_weight_grad(centered, stride, phase, u)
         grad = grad.reshape(c_out, blocks, c_in, -1)
-        return (w * pbar).sum(-1), (w * grad).sum(-1)
+        own = None
+        if affine is not None:
+            gamma, beta = affine
+            coef = torch.cat([gamma, beta]).to(grad.dtype)  # (2P, C_in)
+            own = (grad * coef.unsqueeze(-1)).sum(1).reshape(c_out, -1)
+        return (w * pbar).sum(-1), (w * grad).sum(-1), own
 
     def _subsampled(self, x: Tensor, inp: Tensor, stride: int,
                     phase: Tuple[int, ...]):
@@ -231,7 +242,8 @@ class BindingInfo:
     #: The feeding norms followed (``compensate='upstream'``) and the
     #: paths that fell back, in words; '' when not asked for.
     upstream: str = ''
-    #: How many feeding paths fell back.
+    #: How many feeding norms were followed, and how many paths fell back.
+    upstream_followed: int = 0
     upstream_fallbacks: int = 0
 
 
@@ -279,6 +291,8 @@ class Binding:
             weight_id=None if prod is None else prod.key[1],
             upstream='' if self.feeding is None else
             self.feeding.describe(),
+            upstream_followed=0 if self.feeding is None else len(
+                self.feeding.paths),
             upstream_fallbacks=0 if self.feeding is None else len(
                 self.feeding.fallbacks))
 

@@ -102,7 +102,9 @@ def binding_report(model: nn.Module) -> Dict[str, List[str]]:
                 owner = param_owner.get(binding.weight_id,
                                         binding.description)
                 prefix = 'frozen: ' if binding.status == 'frozen' else ''
-                entries.append(prefix + owner)
+                suffix = f' [upstream: {binding.upstream}]' if \
+                    binding.upstream else ''
+                entries.append(prefix + owner + suffix)
         report[name] = entries
     return report
 
@@ -111,7 +113,8 @@ def binding_summary(model: nn.Module) -> str:
     """One line on how the CBN layers of ``model`` were bound."""
     status = Counter()
     kinds = Counter()
-    fallbacks = []
+    fallbacks, up_fallbacks = [], []
+    followed = 0
     for name, layer in cbn_layers(model):
         seen = [b for b in layer.bindings if b is not None]
         if not seen and getattr(layer, '_compiled', False):
@@ -129,6 +132,11 @@ def binding_summary(model: nn.Module) -> str:
         status['frozen producer' if frozen else 'bound'] += 1
         for b in seen:
             kinds[b.description.split('(')[0]] += 1
+            followed += b.upstream_followed
+            if b.upstream_fallbacks:
+                up_fallbacks.append(f'{name} ({b.upstream.split(": ")[-1]})'
+                                    if 'not followed' in b.upstream else
+                                    name)
     total = sum(status.values())
     parts = [f'{n} {what}' for what, n in status.items()]
     line = f'CBN: {total} layers: ' + ', '.join(parts)
@@ -137,6 +145,10 @@ def binding_summary(model: nn.Module) -> str:
             f'{k} x{n}' for k, n in sorted(kinds.items()))
     if fallbacks:
         line += ' | fell back: ' + '; '.join(fallbacks)
+    if followed or up_fallbacks:
+        line += f' | upstream: {followed} feeding norms followed'
+        if up_fallbacks:
+            line += ', not followed in ' + '; '.join(up_fallbacks)
     return line
 
 

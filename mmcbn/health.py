@@ -222,7 +222,9 @@ def read_cbn_health(model: nn.Module,
 
     Returns:
         dict: Metric name -> value, plus ``bound``, ``frozen``,
-        ``unbound`` layer counts. Once a layer has been monitored, every
+        ``unbound`` layer counts (and, with ``compensate='upstream'``,
+        ``upstream_followed``/``upstream_fallbacks``: feeding norms
+        followed and paths that fell back, over all layers). Once a layer has been monitored, every
         metric is given: a metric with no term since the last read (no
         window entry was used: burn-in, an unbound layer, windows still
         empty) is 0.0, its value for BatchNorm. So a log has the same keys
@@ -239,6 +241,13 @@ def read_cbn_health(model: nn.Module,
                 else ('frozen' if all(b.status == 'frozen' for b in seen)
                       else 'bound')
             out[status] += 1
+    upstream = [b for _, layer in layers for b in layer.bindings
+                if b is not None and b.upstream]
+    if upstream:  # compensate='upstream': feeding norms followed / not
+        out['upstream_followed'] = sum(b.upstream_followed
+                                       for b in upstream)
+        out['upstream_fallbacks'] = sum(b.upstream_fallbacks
+                                        for b in upstream)
     monitored = [(n, l) for n, l in layers if l._health is not None]
     if not monitored:
         return out

@@ -50,6 +50,22 @@ def _local_key(key: Any, params: Dict[str, nn.Parameter]) -> Any:
     return tuple(out)
 
 
+def _portable_feed(feed: Optional[tuple], names: Dict[int, str]) -> Any:
+    """The feeding norms of an upstream-compensated window, with the
+    layers' ids replaced by their names (``False``: not portable)."""
+    if feed is None:
+        return None
+    if any(f[1] not in names for f in feed):
+        return False
+    return tuple((f[0], names[f[1]]) + tuple(f[2:]) for f in feed)
+
+
+def _local_feed(feed: Any, modules: Dict[str, nn.Module]) -> Any:
+    if feed is None:
+        return None
+    return tuple((f[0], id(modules[f[1]])) + tuple(f[2:]) for f in feed)
+
+
 def collect_window_state(model: nn.Module) -> Dict[str, Any]:
     """The window state of every CBN layer of ``model`` (CPU tensors).
 
@@ -58,14 +74,17 @@ def collect_window_state(model: nn.Module) -> Dict[str, Any]:
         settings, iteration and one entry per call position.
     """
     names = {id(p): n for n, p in model.named_parameters()}
+    module_names = {id(m): n for n, m in model.named_modules()}
     layers = {}
     for name, layer in cbn_layers(model):
         positions: List[Optional[dict]] = []
         for state in layer._windows:
             saved = state.state_dict()
             saved['key'] = _portable_key(saved['key'], names)
-            positions.append(saved if saved['key'] is not None or
-                             state.key is None else None)
+            saved['feed'] = _portable_feed(saved.get('feed'), module_names)
+            portable = (saved['key'] is not None or state.key is None) and \
+                saved['feed'] is not False
+            positions.append(saved if portable else None)
         layers[name] = dict(
             type=type(layer).__name__,
             num_features=layer.num_features,
@@ -99,6 +118,7 @@ def _check(model: nn.Module, state: Dict[str, Any]) -> None:
                 f'the checkpoint has window state for {name!r}, which is '
                 'not a CBN layer of the model')
     params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     for name, layer in layers.items():
         entry = saved[name]
         for field in ('num_features', 'window', 'compensate', 'store_dtype',
@@ -111,6 +131,11 @@ def _check(model: nn.Module, state: Dict[str, Any]) -> None:
         for position, pos_state in enumerate(entry['positions']):
             if pos_state is None or pos_state['key'] is None:
                 continue
+            for feed in pos_state.get('feed') or ():
+                if feed[1] not in modules:
+                    raise WindowStateMismatch(
+                        f'layer {name!r} (call {position}) was fed by norm '
+                        f'layer {feed[1]!r}, which the model does not have')
             key = pos_state['key']
             for index in _ID_FIELDS:
                 pname = key[index]
@@ -157,6 +182,7 @@ def restore_window_state(model: nn.Module, state: Dict[str, Any]) -> int:
     """
     _check(model, state)
     params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     restored = 0
     for name, layer in cbn_layers(model):
         entry = state['layers'][name]
@@ -172,6 +198,7 @@ def restore_window_state(model: nn.Module, state: Dict[str, Any]) -> int:
                 continue
             pos_state = dict(pos_state)
             pos_state['key'] = _local_key(pos_state['key'], params)
+            pos_state['feed'] = _local_feed(pos_state.get('feed'), modules)
             window.load_state_dict(pos_state, device)
             restored += 1
         layer._iteration = int(entry['iteration'])

@@ -118,6 +118,9 @@ class Feeding:
 
     paths: List[FeedPath]
     fallbacks: List[str]
+    #: Every branch ended at a followed norm: the producer's input is
+    #: exactly ``sum_p a_p (gamma_p xhat_p + beta_p)``.
+    complete: bool = False
 
     @property
     def token(self) -> Optional[tuple]:
@@ -162,9 +165,11 @@ def find_feeding(node, shape: Tuple[int, ...],
     fallbacks: List[str] = []
     seen = set()
     queue = [(node, None)]
+    constant = False
     while queue:
         node, gate = queue.pop(0)
         if node is None:
+            constant = True
             continue
         output = node.metadata.get(_KEY)
         if output is not None:
@@ -196,7 +201,8 @@ def find_feeding(node, shape: Tuple[int, ...],
             queue.extend((nxt, gate) for nxt, _ in node.next_functions)
         else:
             fallbacks.append(name)
-    return Feeding(paths, fallbacks)
+    return Feeding(paths, fallbacks,
+                   bool(paths) and not fallbacks and not constant)
 
 
 def normalized_inputs(feeding: Feeding, dtype: torch.dtype) -> Tensor:
@@ -225,6 +231,14 @@ def _affine(layer, channels: int, like: Tensor) -> Tuple[Tensor, Tensor]:
         return like.new_ones(channels), like.new_zeros(channels)
     return (layer.weight.detach().to(like.dtype),
             layer.bias.detach().to(like.dtype))
+
+
+def feeding_affine(feeding: Feeding, like: Tensor) -> Tuple[Tensor, Tensor]:
+    """The feeding norms' current (gamma, beta), each (P, C_in)."""
+    pairs = [_affine(p.source.layer, p.source.x.shape[1], like)
+             for p in feeding.paths]
+    return (torch.stack([g for g, _ in pairs]),
+            torch.stack([b for _, b in pairs]))
 
 
 def feeding_state(feeding: Feeding, like: Tensor) -> Tensor:

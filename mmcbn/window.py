@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from .binding import Binding
-from .upstream import (Upstream, feeding_state, normalized_inputs,
-                       upstream_shift)
+from .upstream import (Upstream, feeding_affine, feeding_state,
+                       normalized_inputs, upstream_shift)
 
 #: The iteration an empty slot pretends to hold: never inside a window.
 _EMPTY_SLOT = -(1 << 62)
@@ -316,26 +316,31 @@ def make_record(binding: Binding,
     a_mean, a_var = (mean.clone(), var.clone()) if compensate else (mean,
                                                                     var)
     record = Record(raw_mean=mean, raw_var=var, a_mean=a_mean, a_var=a_var)
+    centered = x - mean.view((1, -1) + (1, ) * (x.dim() - 2))
+    feeding = binding.feeding
+    own = None
+    if compensate and feeding is not None and feeding.paths:
+        # the upstream derivatives; where the producer's input is made of
+        # the feeding norms' outputs alone, they also give its own d nu/dW
+        u = normalized_inputs(feeding, dtype)
+        affine = feeding_affine(feeding, mean) if feeding.complete and \
+            prod.weight is not None else None
+        hm, hc, own = prod.upstream_grads(u, x, centered, moment_stride,
+                                          phase, affine)
+        channels = hm.shape[0]
+        record.up_hm = hm.reshape(channels, 2, -1)
+        record.up_hc = hc.reshape(channels, 2, -1)
+        record.up_state = feeding_state(feeding, mean)
     if prod.weight is not None:
         weight = prod.weight.to(dtype)
         record.pbar = prod.patch_mean(x)
-        centered = x - mean.view((1, -1) + (1, ) * (x.dim() - 2))
-        record.var_grad = prod.moment_weight_grad(centered, moment_stride,
-                                                  phase)
+        record.var_grad = own if own is not None else \
+            prod.moment_weight_grad(centered, moment_stride, phase)
         if compensate:
             a_mean -= _group_dot(record.pbar, weight)
             a_var -= _row_dot(record.var_grad, weight)
     if prod.bias is not None and compensate:
         a_mean -= prod.bias.to(dtype)
-    feeding = binding.feeding
-    if compensate and feeding is not None and feeding.paths:
-        u = normalized_inputs(feeding, dtype)
-        centered = x - mean.view((1, -1) + (1, ) * (x.dim() - 2))
-        hm, hc = prod.upstream_grads(u, x, centered, moment_stride, phase)
-        channels = hm.shape[0]
-        record.up_hm = hm.reshape(channels, 2, -1)
-        record.up_hc = hc.reshape(channels, 2, -1)
-        record.up_state = feeding_state(feeding, mean)
     return record
 
 

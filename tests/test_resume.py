@@ -97,6 +97,9 @@ CASES = {
                                              burnin_by_epoch=True)),
     'epoch-after-burnin': (True, 4, 2, dict(type='CBN', window=3, burnin=1.5,
                                             burnin_by_epoch=True)),
+    # upstream compensation: conv2.bn's entries name conv1.bn as feeding
+    'iter-upstream': (False, 12, 6, dict(type='CBN', window=3, burnin=2,
+                                         compensate='upstream')),
 }
 
 
@@ -108,8 +111,11 @@ def test_resumed_run_is_bit_identical(tmp_path, case):
     name = f'epoch_{half}.pth' if by_epoch else f'iter_{half}.pth'
     ckpt = str(tmp_path / 'first' / name)
     saved = torch.load(ckpt)
-    assert set(saved['cbn_windows']['ranks'][0]['layers']) == {
-        'conv1.bn', 'conv2.bn'}
+    layers = saved['cbn_windows']['ranks'][0]['layers']
+    assert set(layers) == {'conv1.bn', 'conv2.bn'}
+    if norm_cfg.get('compensate') == 'upstream':
+        feed = layers['conv2.bn']['positions'][0]['feed']
+        assert [f[1] for f in feed] == ['conv1.bn']
     resumed = run(tmp_path / 'resumed', by_epoch, total, norm_cfg,
                   resume=ckpt)
     assert_bit_identical(final_state(full), final_state(resumed))

@@ -158,3 +158,157 @@ def test_upstream_changes_the_statistics():
             opt.step()
     assert gaps[:3] == [0.0, 0.0, 0.0]  # burn-in: the same
     assert min(gaps[3:]) > 1e-4
+
+
+# ------------------------------------------------------------ the binding
+def _step(model, x, steps=4):
+    for _ in range(steps):
+        model.zero_grad()
+        model(x).sin().sum().backward()
+
+
+class _Chain(nn.Module):
+    """conv -> norm0 -> ``between`` -> conv (``groups``) -> CBN."""
+
+    def __init__(self, norm0, between, groups=1, compensate='upstream'):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.n0 = norm0
+        self.between = between
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1, groups=groups)
+        self.n1 = CBN2d(4, window=3, compensate=compensate)
+
+    def forward(self, x):
+        return self.n1(self.c1(self.between(self.n0(self.c0(x)))))
+
+
+@pytest.mark.parametrize('norm0,between,groups,fallback', [
+    (lambda: CBN2d(4, window=3), nn.MaxPool2d(3, 1, 1), 1,
+     'MaxPool2DWithIndicesBackward0'),
+    (lambda: nn.BatchNorm2d(4), nn.ReLU(), 1, 'NativeBatchNormBackward0'),
+    (lambda: CBN2d(4, window=3), nn.LeakyReLU(0.1), 1,
+     'LeakyReluBackward0'),
+    (lambda: CBN2d(4, window=3), nn.ReLU(), 2,
+     'a grouped convolution (groups=2)'),
+])
+def test_unsupported_paths_fall_back_to_producer_compensation(
+        norm0, between, groups, fallback):
+    """A path the binding cannot follow is named in the binding report and
+    the health counts, and the layer then computes exactly what
+    ``compensate=True`` computes."""
+    torch.manual_seed(0)
+    up = _Chain(norm0(), between, groups).double()
+    plain = copy.deepcopy(up)
+    plain.n1.compensate = True
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    _step(up, x)
+    _step(plain, x)
+    for a, b in zip(up.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    info = up.n1.bindings[0]
+    assert fallback in info.upstream
+    assert (info.upstream_followed, info.upstream_fallbacks) == (0, 1)
+    from mmcbn.health import read_cbn_health
+    health = read_cbn_health(up)
+    assert health['upstream_followed'] == 0
+    assert health['upstream_fallbacks'] == 1
+
+
+def test_feeding_norms_are_limited_and_named():
+    """A residual chain reaches many norms: the nearest MAX_FEEDING are
+    followed, the others fall back, by name."""
+    from mmcbn import name_cbn_layers
+    from mmcbn.control import binding_report, binding_summary
+    from mmcbn.upstream import MAX_FEEDING
+
+    class Deep(nn.Module):
+
+        def __init__(self, depth):
+            super().__init__()
+            self.convs = nn.ModuleList(
+                nn.Conv2d(3 if i == 0 else 4, 4, 3, padding=1)
+                for i in range(depth + 1))
+            self.norms = nn.ModuleList(
+                CBN2d(4, window=2, compensate='upstream')
+                for _ in range(depth + 1))
+
+        def forward(self, x):
+            h = F.relu(self.norms[0](self.convs[0](x)))
+            for conv, norm in zip(self.convs[1:-1], self.norms[1:-1]):
+                h = F.relu(norm(conv(h)) + h)
+            return self.norms[-1](self.convs[-1](h))
+
+    depth = MAX_FEEDING + 2
+    model = Deep(depth).double()
+    name_cbn_layers(model)
+    _step(model, torch.randn(2, 3, 5, 5, dtype=torch.float64), 3)
+    last = model.norms[-1].bindings[0]
+    assert last.upstream_followed == MAX_FEEDING
+    assert last.upstream_fallbacks == depth - MAX_FEEDING
+    assert f'more than {MAX_FEEDING} feeding norms' in last.upstream
+    # nearest first: the last block's norm is followed, the first is not
+    followed, _, rest = last.upstream.partition(' | not followed: ')
+    assert f'norms.{depth - 1}' in followed and 'norms.0 ' in rest
+    report = binding_report(model)[f'norms.{depth}'][0]
+    assert report.startswith(f'convs.{depth} [upstream: norms.{depth - 1}')
+    assert 'upstream: ' in binding_summary(model)
+
+
+def test_option_values():
+    with pytest.raises(ValueError, match="compensate must be True, False or "
+                       "'upstream', got 'upstreams'"):
+        CBN2d(4, compensate='upstreams')
+    layer = CBN2d(4, compensate='upstream')
+    assert layer.window_grad is True
+    assert "compensate='upstream'" in repr(layer)
+    assert 'window_grad' not in repr(layer)
+
+
+def test_stock_detector_binding_coverage():
+    """Faster R-CNN R50-FPN (mmdet, unmodified): the residual paths of the
+    backbone are followed; FPN's upsample-add and the RoI head's first
+    conv (RoIAlign) fall back, by name; training runs."""
+    pytest.importorskip('mmdet')
+    import math
+    from mm_builders import build, det_batch, faster_rcnn_cfg, train_steps
+    from mmcbn import name_cbn_layers
+    from mmcbn.health import read_cbn_health
+    model = build('mmdet', faster_rcnn_cfg(
+        dict(type='CBN', window=3, burnin=1, compensate='upstream')))
+    name_cbn_layers(model)
+    losses = train_steps(model, det_batch, steps=2)
+    assert all(math.isfinite(v) for v in losses)
+    info = {name: m.bindings[0] for name, m in model.named_modules()
+            if getattr(m, 'bindings', None)}
+    assert 'backbone.layer2.1.bn3' in info['backbone.layer2.2.bn1'].upstream
+    assert 'UpsampleNearest2DBackward0' in \
+        info['neck.fpn_convs.0.bn'].upstream
+    assert 'neck.lateral_convs.0.bn' in info['neck.fpn_convs.0.bn'].upstream
+    head = info['roi_head.bbox_head.shared_convs.1.bn'].upstream
+    assert head == 'roi_head.bbox_head.shared_convs.0.bn'
+    health = read_cbn_health(model)
+    assert health['upstream_followed'] > 50
+    assert health['upstream_fallbacks'] > 0
+
+
+def test_complete_feeding_reuses_the_directions_for_d_nu_dw(monkeypatch):
+    """Where the producer's input is made of the feeding norms' outputs
+    alone, its own d nu / dW comes from the directions' product (no second
+    weight-gradient conv); the reference tests pin its value."""
+    from mmcbn.binding import Producer
+    direct = []
+    original = Producer.moment_weight_grad
+
+    def counted(self, x, stride=1, phase=(), inp=None):
+        if inp is None:
+            direct.append(x.shape[1])
+        return original(self, x, stride, phase, inp)
+
+    monkeypatch.setattr(Producer, 'moment_weight_grad', counted)
+    ours, _ = _pair(3, 0, True)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    _step(ours, x, 3)
+    # only n0 (fed by the data) computes it directly
+    assert direct == [4, 4, 4]
+    feeding = [b.upstream for b in ours.n2.bindings]
+    assert feeding == ['CBN2d(4), CBN2d(4)']

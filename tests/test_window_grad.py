@@ -228,6 +228,8 @@ def test_linear_producer_and_affine_false():
     dict(window=4, window_grad=False),
     dict(window=4, compensate=False, window_grad=True),
     dict(window=4, moment_stride=2, store_dtype='bfloat16'),
+    dict(window=4, compensate='upstream'),
+    dict(window=4, compensate='upstream', window_grad=False),
 ])
 def test_training_step_makes_no_host_synchronization(kw):
     model = two_layers(burnin=2, **kw).float()
@@ -249,14 +251,16 @@ def test_training_step_makes_no_host_synchronization(kw):
     assert len(model[4]._windows[0]) == 3
 
 
+@pytest.mark.parametrize('compensate', [True, 'upstream'])
 @pytest.mark.parametrize('reentrant', [True, False])
-def test_activation_checkpointing_is_the_same_under_both_rules(reentrant):
+def test_activation_checkpointing_is_the_same_under_both_rules(
+        reentrant, compensate):
     """Under checkpointing a layer cannot bind (it is BN): the rules agree,
     and nothing fails in the recomputation."""
     import torch.utils.checkpoint as cp
     grads = {}
     for rule in (True, False):
-        model = two_layers(burnin=0, window_grad=rule)
+        model = two_layers(burnin=0, window_grad=rule, compensate=compensate)
         gen = torch.Generator().manual_seed(1)
         for _ in range(4):
             x, coef = batch(gen)
@@ -293,6 +297,10 @@ SYNC_CASES = [
     dict(batches=(1, 3), window=4, window_grad=False),
     dict(batches=(3, 0), window=4, window_grad=True),
     dict(batches=(2, 2), window=3, compensate=False, window_grad=True),
+    # upstream compensation: n2's entries also follow n1's change
+    dict(batches=(1, 3), window=4, compensate='upstream', window_grad=True),
+    dict(batches=(3, 0), window=3, compensate='upstream',
+         window_grad=False),
 ]
 def _sync_worker(rank, world, out_dir):
     import os.path as osp
