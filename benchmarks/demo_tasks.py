@@ -56,13 +56,17 @@ import make_demo_data  # noqa: E402
 #: naive CBN, the CBN configs with ``compensate=False`` (the window without
 #: Taylor compensation). ``cbna``: the authors' backward rule
 #: (``window_grad=False``: past entries are constants; ``cbn`` uses the
-#: window gradient, the default).
-NORMS = ('bn', 'gn', 'cbnn', 'cbna', 'cbn', 'cbnw')
-#: The CBN-config variants and the norm_cfg option each sets.
+#: window gradient, the default). ``cbnu``: upstream-normalization
+#: compensation (``compensate='upstream'``), ``cbnuw`` with window running
+#: statistics.
+NORMS = ('bn', 'gn', 'cbnn', 'cbna', 'cbn', 'cbnw', 'cbnu', 'cbnuw')
+#: The CBN-config variants and the norm_cfg options each sets.
 CBN_VARIANTS = {
-    'cbnw': 'running_stats_from=window',
-    'cbnn': 'compensate=False',
-    'cbna': 'window_grad=False',
+    'cbnw': ('running_stats_from=window', ),
+    'cbnn': ('compensate=False', ),
+    'cbna': ('window_grad=False', ),
+    'cbnu': ('compensate=upstream', ),
+    'cbnuw': ('compensate=upstream', 'running_stats_from=window'),
 }
 #: Images per batch when statistics are re-estimated (``--population``).
 POPULATION_BATCH = 16
@@ -101,8 +105,8 @@ def run_options(task: str, norm: str, seed: int, data_root: str,
             [f'randomness.seed={seed}'])
     if norm in CBN_VARIANTS:
         opts += [
-            f'model.{part}.norm_cfg.{CBN_VARIANTS[norm]}'
-            for part in NORM_PARTS[task]
+            f'model.{part}.norm_cfg.{option}'
+            for part in NORM_PARTS[task] for option in CBN_VARIANTS[norm]
         ]
     return opts
 
@@ -341,10 +345,13 @@ def summarize(runs: List[Dict], tasks, norms) -> Dict:
 
 #: Display names.
 NAMES = {'bn': 'BN', 'gn': 'GN', 'cbn': 'CBN', 'cbnw': 'CBN-w',
-         'cbnn': 'naive CBN', 'cbna': "CBN, authors' backward"}
+         'cbnn': 'naive CBN', 'cbna': "CBN, authors' backward",
+         'cbnu': 'CBN-up', 'cbnuw': 'CBN-up-w'}
 #: The paired comparisons reported, (a, b): a minus b.
 PAIRS = (('cbn', 'bn'), ('cbn', 'gn'), ('cbnw', 'cbn'), ('cbnw', 'bn'),
-         ('cbnn', 'bn'), ('cbn', 'cbnn'), ('cbn', 'cbna'), ('cbna', 'bn'))
+         ('cbnn', 'bn'), ('cbn', 'cbnn'), ('cbn', 'cbna'), ('cbna', 'bn'),
+         ('cbnu', 'cbn'), ('cbnu', 'bn'), ('cbnu', 'gn'), ('cbnuw', 'cbnw'),
+         ('cbnuw', 'bn'), ('cbnuw', 'gn'))
 
 
 def paired_differences(summary: Dict, tasks) -> Dict:
@@ -425,7 +432,8 @@ def plot(summary: Dict, tasks, norms, path: str) -> None:
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4))
     axes = [axes] if len(shown) == 1 else list(axes)
     colors = {'bn': '#4c72b0', 'gn': '#55a868', 'cbn': '#c44e52',
-              'cbnw': '#dd8452', 'cbnn': '#8172b3', 'cbna': '#937860'}
+              'cbnw': '#dd8452', 'cbnn': '#8172b3', 'cbna': '#937860',
+              'cbnu': '#da8bc3', 'cbnuw': '#8c8c8c'}
     for ax, (task, metric) in zip(axes, shown):
         for i, norm in enumerate(norms):
             e = summary.get(f'{task}/{norm}')

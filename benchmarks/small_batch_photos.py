@@ -213,6 +213,15 @@ def run_specs(quick=False):
              data='digits'),
         dict(name='digits CBN b2 k8', norm='cbn', batch=2,
              kwargs=dict(window=8), burnin=0.25, data='digits'),
+        # upstream-normalization compensation (the photo study at tuned
+        # learning rates is benchmarks/upstream_study.py)
+        dict(name='digits CBN-up b2 k8', norm='cbn', batch=2,
+             kwargs=dict(window=8, compensate='upstream'), burnin=0.25,
+             data='digits'),
+        dict(name='digits CBN-up-w b2 k8', norm='cbn', batch=2,
+             kwargs=dict(window=8, compensate='upstream',
+                         running_stats_from='window'), burnin=0.25,
+             data='digits'),
     ]
     if quick:
         # cross-check: a burn-in longer than the schedule is BN throughout,
@@ -458,7 +467,10 @@ EXTRA_PAIRS = (
     ('CBN-w b2 k8', 'CBN b2 k8'), ('CBN-w b4 k4', 'CBN b4 k4'),
     ('BN early, CBN late b2 k8', 'CBN b2 k8'),
     ('BN early, CBN late b4 k4', 'CBN b4 k4'),
-    ('digits CBN b2 k8', 'digits BN b32'))
+    ('digits CBN b2 k8', 'digits BN b32'),
+    ('digits CBN-up b2 k8', 'digits CBN b2 k8'),
+    ('digits CBN-up-w b2 k8', 'digits CBN b2 k8'),
+    ('digits CBN-up b2 k8', 'digits BN b32'))
 
 
 def comparisons(summary, specs):

@@ -259,7 +259,7 @@ def test_demo_tasks_quick_smoke(tmp_path):
     third = subprocess.run(
         [sys.executable, osp.join(ROOT, 'benchmarks', 'demo_tasks.py'),
          '--quick', '--out', str(out2), '--work-dir', str(work2),
-         '--norms', 'cbn', 'cbnn', '--reuse',
+         '--norms', 'cbn', 'cbnn', 'cbnuw', '--reuse',
          str(out / 'demo_tasks_quick.json')],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
@@ -274,6 +274,10 @@ def test_demo_tasks_quick_smoke(tmp_path):
     dumped = (work2 / 'seg_cbnn_seed0' / 'fcn_r18-d8_cbn_demo.py').read_text()
     assert dumped.count('compensate=False') == 3
     assert 'seg: mIoU (%) CBN - naive CBN' in data2['paired_differences']
+    # CBN-up-w: two options in every part
+    dumped = (work2 / 'seg_cbnuw_seed0' / 'fcn_r18-d8_cbn_demo.py').read_text()
+    assert dumped.count("compensate='upstream'") == 3
+    assert dumped.count("running_stats_from='window'") == 3
     # --finished-only trains nothing: GN (neither finished nor in the JSON)
     # is left out
     fourth = subprocess.run(

@@ -1,7 +1,9 @@
 # Copyright (c) mmcbn contributors. All rights reserved.
 """The --quick mode of benchmarks/small_batch_photos.py (the small-batch
 study on crops of bundled photographs)."""
+import json
 import math
+import os
 import os.path as osp
 import sys
 
@@ -62,7 +64,8 @@ def test_small_batch_photos_quick(quick_run):
                 'naive + window grad', 'BN early, CBN late')
     expected = {f'BN b{b}' for b in (2, 4, 8, 32)} | {
         'GN b2', 'GN b4', 'GN b32', 'digits BN b2', 'digits BN b32',
-        'digits CBN b2 k8', 'CBN b2 k8 all burn-in'} | {
+        'digits CBN b2 k8', 'digits CBN-up b2 k8', 'digits CBN-up-w b2 k8',
+        'CBN b2 k8 all burn-in'} | {
             f'{run} {tag}' for run in cbn_runs
             for tag in ('b2 k8', 'b4 k4')}
     assert set(summary) == expected
@@ -164,3 +167,42 @@ def test_small_batch_photos_resume(tmp_path):
         'accs']
     _, out3 = run('--base-lr', '0.2')
     assert 'reused' not in out3
+
+
+def test_upstream_study_quick(tmp_path):
+    """upstream_study.py --quick: every method tuned on the validation
+    split and run on the test split at its chosen learning rate; the
+    validation split is carved out of the training crops."""
+    import subprocess
+    import sys
+    env = dict(os.environ, MPLBACKEND='Agg', OMP_NUM_THREADS='1')
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    proc = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'upstream_study.py'),
+         '--quick', '--out', str(out), '--work-dir', str(work)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / 'upstream_study_quick.json') as f:
+        data = json.load(f)
+    names = ['BN b2', 'BN b32', 'GN b2', 'CBN b2', 'CBN-w b2', 'CBN-up b2',
+             'CBN-up-w b2', 'ceiling b2']
+    assert list(data['summary']) == names
+    for name in names:
+        scores = data['tuning'][name]
+        assert set(scores) == {'0.1', '0.4'}
+        # the chosen learning rate is the best on validation
+        assert data['chosen'][name] == max(
+            (float(lr) for lr in scores), key=lambda lr: scores[str(lr)])
+        assert data['summary'][name]['base_lr'] == data['chosen'][name]
+    lines = [json.loads(x) for x in open(work / 'runs.jsonl')]
+    assert len(lines) == 2 * len(names) + len(names)
+    assert {x['split'] for x in lines} == {'val', 'test'}
+    assert 'CBN-up b2 - GN b2' in data['checks']
+    assert (out / 'upstream_study_quick.png').stat().st_size > 1000
+    # a second run reuses every finished run
+    again = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'upstream_study.py'),
+         '--quick', '--out', str(out), '--work-dir', str(work)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0
+    assert len(open(work / 'runs.jsonl').readlines()) == len(lines)
