@@ -19,6 +19,10 @@ compensation      a plain ``copy_`` of the stored window entries (every
 window gradient   a plain ``copy_`` of the stored derivatives it reads
                   (``pbar`` and ``d nu / dW`` of every window), the one
                   extra pass over the window the window rule needs
+upstream          (``compensate='upstream'``) one conv weight-gradient
+                  per layer over the feeding norms' directions ``[a xhat,
+                  a]`` (the derivatives of the second moment in their
+                  gamma and beta)
 everything else   none: Python and bookkeeping (total extra minus the
                   parts above)
 ================  ========================================================
@@ -43,6 +47,12 @@ Which mmcbn function belongs to which part:
   entries' weights) and ``_window_param_grads`` (in the backward: two
   weight-sized element-wise ops). Both run inside the normalization's
   calls and are subtracted from it.
+* upstream (``compensate='upstream'``): finding the feeding norms
+  (``find_feeding``), collecting their state (``upstream_now``), and,
+  inside the other parts (subtracted from them), recording the
+  derivatives (``normalized_inputs``, ``Producer.upstream_grads``,
+  ``feeding_state``), applying them (``upstream_shift``, ``_block_dot``)
+  and their window gradient (``_upstream_terms``).
 """
 import dataclasses
 from types import SimpleNamespace
@@ -53,11 +63,13 @@ import torch.nn.functional as F
 import mmcbn.binding as binding_module
 import mmcbn.cbn as cbn_module
 import mmcbn.functional as functional
+import mmcbn.tracking as tracking_module
 import mmcbn.window as window_module
 from common import time_round_robin
 from mmcbn.binding import Binding, Producer, _conv_weight_grad
 
-PARTS = ('normalization', 'recording', 'compensation', 'window gradient')
+PARTS = ('normalization', 'recording', 'compensation', 'window gradient',
+         'upstream')
 #: clock name -> part
 _PART_OF = {
     'norm.batch_stats': 'normalization',
@@ -68,7 +80,12 @@ _PART_OF = {
     'compensation': 'compensation',
     'window_grad.terms': 'window gradient',
     'window_grad.params': 'window gradient',
+    'upstream.bind': 'upstream',
+    'upstream.now': 'upstream',
 }
+#: Timed calls of the upstream part that run inside another part's call.
+_NESTED_UPSTREAM = 'upstream.'
+
 
 
 class PartProbe:
@@ -85,12 +102,12 @@ class PartProbe:
         self.clock = clock
         self.capture = capture
         self.norms, self.records, self.pushes, self.comps = [], [], [], []
-        self.wgrads = []
+        self.wgrads, self.upstreams = [], []
         self._saved = []
         self._stack = []
 
     # ------------------------------------------------------------ patching
-    def _timed(self, name, fn, keep=None, detail=False):
+    def _timed(self, name, fn, keep=None, detail=False, nested=False):
         """``fn`` timed under ``name``; a ``detail`` is named after the
         timed call it runs in (``'record.make/row_dot'``) and counts in
         no part total (it is inside one)."""
@@ -99,8 +116,8 @@ class PartProbe:
         def wrapped(*args, **kwargs):
             if keep is not None:
                 keep(*args, **kwargs)
-            full = f'{stack[-1] if stack else "-"}/{name}' if detail else \
-                name
+            full = f'{stack[-1] if stack else "-"}/{name}' if detail or (
+                nested and stack) else name
             stack.append(full)
             token = clock.start()
             try:
@@ -149,6 +166,22 @@ class PartProbe:
             functional, '_window_param_grads',
             self._timed('window_grad.params',
                         functional._window_param_grads))
+        # the upstream part (compensate='upstream')
+        self._patch(tracking_module, 'find_feeding',
+                    self._timed('upstream.bind', tracking_module.find_feeding))
+        self._patch(cbn_module, 'upstream_now',
+                    self._timed('upstream.now', cbn_module.upstream_now))
+        for owner, attr, keep in (
+                (window_module, 'normalized_inputs', None),
+                (window_module, 'feeding_state', None),
+                (Producer, 'upstream_grads',
+                 self._keep_upstream if cap else None),
+                (window_module, 'upstream_shift', None),
+                (window_module, '_block_dot', None),
+                (window_module, '_upstream_terms', None)):
+            self._patch(owner, attr, self._timed(
+                f'upstream.{attr.lstrip("_")}', getattr(owner, attr), keep,
+                nested=True))
         # details inside the parts (where the recording and compensation
         # time goes)
         for owner, attr in ((Producer, 'patch_mean'),
@@ -187,20 +220,40 @@ class PartProbe:
             # the autograd node's saved input is freed by backward: keep it
             inp = prod._input(x.dtype).clone()
             node = SimpleNamespace(_saved_input=inp, _saved_mat1=inp)
+            if prod.kind == 'conv':
+                node._saved_weight = prod.node._saved_weight.detach()
+            else:
+                node._saved_mat2 = prod.node._saved_mat2.detach()
             prod = dataclasses.replace(prod, node=node)
         self.records.append(
+            # (without its feeding norms: the upstream part is replayed
+            # on its own)
             dict(binding=Binding(binding.status, prod, binding.reason),
                  x=x.clone(), mean=mean.clone(), var=var.clone(),
                  compensate=compensate, stride=moment_stride, phase=phase,
                  derivatives=derivatives))
 
-    def _keep_push(self, state, iteration, key, record, count, cycle=None):
+    def _keep_upstream(self, prod, u, x, centered, stride=1, phase=(),
+                       affine=None):
+        node = SimpleNamespace(_saved_input=prod._input(x.dtype).clone(),
+                               _saved_weight=prod.node._saved_weight.detach()
+                               .clone() if prod.kind == 'conv' else None)
+        if prod.kind == 'linear':
+            node._saved_mat1 = node._saved_input
+            node._saved_mat2 = prod.node._saved_mat2.detach().clone()
+        self.upstreams.append(
+            dict(prod=dataclasses.replace(prod, node=node), u=u.clone(),
+                 x=x.clone(), centered=centered.clone(), stride=stride,
+                 phase=phase, affine=affine))
+
+    def _keep_push(self, state, iteration, key, record, count, cycle=None,
+                   feed=None):
         self.pushes.append(
             dict(capacity=state.capacity, store_dtype=state.store_dtype,
                  iteration=iteration, key=key, count=count))
 
     def _keep_comp(self, state, iteration, lags, key, weight, bias,
-                   cycle=None):
+                   cycle=None, upstream=None, feed=None):
         # replayed after this step's record was pushed: one iteration
         # (and accumulation cycle) later, the window holds as many entries
         # as it held here
@@ -210,12 +263,12 @@ class PartProbe:
                  cycle=None if cycle is None else cycle + 1))
 
     def _keep_wgrad(self, slots, match, lag_weight, lag_mean, lag_pos,
-                    mean_bar, need_weight):
+                    mean_bar, need_weight, need_upstream=False):
         # the ring's buffers are written over by the step's push: copy
         self.wgrads.append(
             dict(slots={k: v.clone() for k, v in slots.items()},
                  args=(match, lag_weight, lag_mean, lag_pos, mean_bar,
-                       need_weight)))
+                       need_weight, need_upstream)))
 
     # -------------------------------------------------------------- totals
     def step_parts(self):
@@ -227,6 +280,13 @@ class PartProbe:
         calls, details = {}, {}
         for name, (seconds, n) in totals.items():
             details[name] = seconds
+            parent, _, last = name.rpartition('/')
+            if last.startswith(_NESTED_UPSTREAM) and parent in _PART_OF:
+                # an upstream call inside another part's call
+                out['upstream'][0] += seconds
+                out[_PART_OF[parent]][0] -= seconds
+                calls[last] = calls.get(last, 0) + n
+                continue
             if '/' in name:
                 continue
             out[_PART_OF[name]][0] += seconds
@@ -384,11 +444,31 @@ def replay_functions(probe, device):
                     buf = c['slots'][name]
                     scratch.like(buf).copy_(buf)
 
+    # ---- upstream: its derivatives vs one weight-gradient conv over the
+    # directions (the feeding norms' [a xhat, a])
+    upstreams = probe.upstreams
+
+    def upstream():
+        for c in upstreams:
+            c['prod'].upstream_grads(c['u'], c['x'], c['centered'],
+                                     c['stride'], c['phase'], c['affine'])
+
+    def upstream_floor():
+        for c in upstreams:
+            prod, u, x = c['prod'], c['u'], c['centered']
+            if prod.kind == 'conv':
+                shape = prod.node._saved_weight.shape
+                _conv_weight_grad(x, u, (shape[0], u.shape[1]) +
+                                  tuple(shape[2:]), prod)
+            else:
+                torch.mm(x.t(), u)
+
     fns = dict(normalization=normalization,
                normalization_floor=normalization_floor,
                recording=recording, recording_floor=recording_floor,
                compensation=compensation,
                compensation_floor=compensation_floor,
+               upstream=upstream, upstream_floor=upstream_floor,
                **{'window gradient': window_gradient,
                   'window gradient_floor': window_gradient_floor})
     info = dict(
@@ -397,7 +477,8 @@ def replay_functions(probe, device):
         recording_floor_write_bytes=written,
         compensation_calls=len(comps),
         compensation_floor_bytes=comp_bytes, window_grad_calls=len(wgrads),
-        window_gradient_floor_bytes=wgrad_bytes, convs=convs)
+        window_gradient_floor_bytes=wgrad_bytes,
+        upstream_calls=len(upstreams), convs=convs)
     return fns, info
 
 
@@ -435,7 +516,7 @@ def part_table(step_extra, replay, in_step, limit=1.2):
                            in_step_ms=1e3 * in_step[part])
     extra_ms = 1e3 * step_extra
     norm_extra = ms['normalization'] - ms['normalization_floor']
-    beyond = ('recording', 'compensation', 'window gradient')
+    beyond = ('recording', 'compensation', 'window gradient', 'upstream')
     else_ms = extra_ms - norm_extra - sum(ms[p] for p in beyond)
     else_in_step = (extra_ms - (1e3 * in_step['normalization'] -
                                 ms['normalization_floor']) -

@@ -67,6 +67,9 @@ NORMS = {
     # the authors' backward rule: the window gradient's cost is the
     # difference to 'CBN w8'
     'CBN w8 const. entries': dict(type='CBN', window=8, window_grad=False),
+    # upstream-normalization compensation: its cost is the difference to
+    # 'CBN w8' (and the 'upstream' part)
+    'CBN w8 upstream': dict(type='CBN', window=8, compensate='upstream'),
     'authors w8': dict(type='AuthorsCBN', window=8),
 }
 #: The opt-in fast options, at the configs' window 4 and at 8.
@@ -722,7 +725,8 @@ def plot(result, path):
     labels = [f"{r['norm']}" + (' (det)' if 'Faster' in r['model'] else '')
               for r in prows]
     colors = {'normalization': 'tab:blue', 'recording': 'tab:orange',
-              'compensation': 'tab:green', 'window gradient': 'tab:purple'}
+              'compensation': 'tab:green', 'window gradient': 'tab:purple',
+              'upstream': 'tab:red'}
     for i, prow in enumerate(prows):
         bottom = floor_bottom = 0.0
         for part in PARTS:

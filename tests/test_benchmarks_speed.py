@@ -23,7 +23,8 @@ def test_train_speed_quick_smoke(tmp_path):
                                                        's2+bf16')]
     norms = [r['norm'] for r in result['resnet']]
     assert norms == ['BN', 'GN', 'CBN w1', 'CBN w2', 'CBN w4', 'CBN w8',
-                     'CBN w16', 'CBN w8 const. entries', 'authors w8'] + fast
+                     'CBN w16', 'CBN w8 const. entries', 'CBN w8 upstream',
+                     'authors w8'] + fast
     rows = {r['norm']: r for r in result['resnet']}
     assert all(r['step_ms'] > 0 for r in rows.values())
     # exact, load-independent facts: state per stored iteration
@@ -51,7 +52,7 @@ def test_train_speed_quick_smoke(tmp_path):
                               (det, 'CBN'), (det, 'CBN s2+bf16')}
     for (model, norm), p in parts.items():
         for part in ('normalization', 'recording', 'compensation',
-                     'window gradient', 'everything else'):
+                     'window gradient', 'upstream', 'everything else'):
             for key in ('cbn_ms', 'floor_ms', 'in_step_ms'):
                 assert math.isfinite(p['parts'][part][key]), (norm, part)
         # in the instrumented step every part ran once per CBN call, and
@@ -64,7 +65,21 @@ def test_train_speed_quick_smoke(tmp_path):
         window_grad = norm != 'CBN w8 const. entries'
         if window_grad:
             expected += ['window_grad.terms', 'window_grad.params']
+        upstream = {k: calls.pop(k) for k in list(calls)
+                    if k.startswith('upstream.')}
         assert calls == {k: n for k in expected}, (norm, calls)
+        if norm == 'CBN w8 upstream':
+            # every call looks for its feeding norms; the layers behind
+            # the max-pool (and the stem) have none, the others record
+            # and apply the upstream derivatives
+            assert upstream['upstream.bind'] == n
+            assert 0 < upstream['upstream.upstream_grads'] < n
+            assert upstream['upstream.upstream_terms'] == \
+                upstream['upstream.upstream_shift'] > 0
+            assert p['upstream_calls'] == upstream['upstream.upstream_grads']
+            assert p['parts']['upstream']['cbn_ms'] > 0
+        else:
+            assert upstream == {} and p['upstream_calls'] == 0
         assert p['window_grad_calls'] == (n if window_grad else 0)
         if window_grad and model == 'ResNet-18':
             # the window gradient reads every stored derivative once
