@@ -463,6 +463,8 @@ class _Ctx:
         self.source = source
         self.terms = terms
         self.prod_shapes = prod_shapes
+        #: no upstream-compensated feeding norm (compensate='upstream')
+        self.up_slices = ()
 
 
 def _identity_world(monkeypatch):
@@ -528,7 +530,9 @@ def test_window_norm_backward_of_each_path(monkeypatch, path):
     ctx = _Ctx(tuple(saved), needs, source, terms,
                ((torch.Size([4, 6, 1, 1]), torch.float32), torch.float32))
     out = _WindowNorm.backward(ctx, grad_y)
-    assert len(out) == 11 and all(o is None for o in out[3:8] + out[10:])
+    # x, weight, bias, 5 non-tensors, producer weight and bias, terms and
+    # the upstream slices (no upstream parameter)
+    assert len(out) == 12 and all(o is None for o in out[3:8] + out[10:])
     gx, gw, gb, gpw, gpb = (unwrap(o) for o in out[:3] + out[8:10])
     torch.testing.assert_close(gx, ref[0])
     torch.testing.assert_close(gw, ref[1])
