@@ -647,23 +647,28 @@ RUN_ARGS = ('epochs', 'base_lr', 'weight_decay', 'widths', 'blocks', 'short',
             'threads', 'quick')
 
 
-def settings_key(args):
-    text = json.dumps({k: getattr(args, k) for k in RUN_ARGS},
+def settings_key(args, names=RUN_ARGS):
+    """A hash of the arguments ``names`` (those that change a run)."""
+    text = json.dumps({k: getattr(args, k) for k in names},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_finished(path, args):
-    """``{(name, seed): run}`` of the runs in ``path`` made with the same
-    settings (a run is deterministic for its settings, seed and thread
-    count)."""
-    key, out = settings_key(args), {}
+def _name_and_seed(entry):
+    return entry['name'], entry['run']['seed']
+
+
+def load_finished(path, args, names=RUN_ARGS, key_of=_name_and_seed):
+    """``{key_of(entry): run}`` (default key: ``(name, seed)``) of the runs
+    in ``path`` made with the same settings (a run is deterministic for
+    its settings, seed and thread count)."""
+    key, out = settings_key(args, names), {}
     if osp.isfile(path):
         with open(path) as f:
             for line in f:
                 entry = json.loads(line)
                 if entry['settings'] == key:
-                    out[(entry['name'], entry['run']['seed'])] = entry['run']
+                    out[key_of(entry)] = entry['run']
     return out
 
 

@@ -37,7 +37,6 @@ study, or a study split over several processes with ``--methods``, picks
 them up.
 """
 import copy
-import hashlib
 import json
 import os
 import os.path as osp
@@ -50,7 +49,8 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from common import (ROOT, Timer, benchmark_parser, machine_info,  # noqa: E402
                     markdown_table, save_png, write_json)
 from small_batch import mean_std  # noqa: E402
-from small_batch_photos import load_data, train_one  # noqa: E402
+from small_batch_photos import (load_data, load_finished,  # noqa: E402
+                                settings_key, train_one)
 
 WINDOW = 8
 BURNIN = 0.25
@@ -100,22 +100,8 @@ RUN_ARGS = ('epochs', 'weight_decay', 'widths', 'blocks', 'short', 'grid',
             'n_val', 'quick')
 
 
-def settings_key(args):
-    text = json.dumps({k: getattr(args, k) for k in RUN_ARGS},
-                      sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def load_finished(path, args):
-    key, out = settings_key(args), {}
-    if osp.isfile(path):
-        with open(path) as f:
-            for line in f:
-                e = json.loads(line)
-                if e['settings'] == key:
-                    out[(e['name'], e['base_lr'], e['split'],
-                         e['seed'])] = e['run']
-    return out
+def _run_key(entry):
+    return entry['name'], entry['base_lr'], entry['split'], entry['seed']
 
 
 def run(spec, base_lr, split, seed, data, args, finished, path):
@@ -128,7 +114,7 @@ def run(spec, base_lr, split, seed, data, args, finished, path):
     r = train_one(spec, seed, data[split], run_args)
     r['seed'] = seed
     with open(path, 'a') as f:
-        f.write(json.dumps(dict(settings=settings_key(args),
+        f.write(json.dumps(dict(settings=settings_key(args, RUN_ARGS),
                                 name=spec['name'], base_lr=base_lr,
                                 split=split, seed=seed, run=r)) + '\n')
     print(f"{split:<4} {spec['name']:<12} base lr {base_lr:<5} seed {seed}"
@@ -225,7 +211,7 @@ def main(argv=None):
                                          f'upstream_study{tag}')
     os.makedirs(work_dir, exist_ok=True)
     path = osp.join(work_dir, 'runs.jsonl')
-    finished = load_finished(path, args)
+    finished = load_finished(path, args, RUN_ARGS, _run_key)
     tuning, chosen = {}, {}
     for spec in specs:
         lrs = args.lrs
@@ -252,6 +238,11 @@ def main(argv=None):
         summary[spec['name']] = dict(
             base_lr=chosen[spec['name']], lr=rs[0]['lr'], accs=accs,
             acc_mean=m, acc_std=s,
+            # the same networks with eval statistics re-estimated on the
+            # whole training set (diagnostic: how much the running
+            # statistics cost)
+            acc_pop_mean=statistics.fmean(r['test_acc_population_stats']
+                                          for r in rs),
             val_acc=tuning[spec['name']][chosen[spec['name']]],
             train_loss_last_tenth=statistics.fmean(
                 r['train_loss_last_tenth'] for r in rs),
@@ -271,9 +262,11 @@ def main(argv=None):
         ['chosen base lr'], lr_rows)
     table = markdown_table(
         ['method', 'base lr', f'test acc ({len(args.seeds)} seeds)',
-         'per seed', 'last-tenth loss', 'stem |W| end', 's / run'],
+         'per seed', 'with re-estimated statistics', 'last-tenth loss',
+         'stem |W| end', 's / run'],
         [[n, v['base_lr'], f"**{v['acc_mean']:.1f} ± {v['acc_std']:.1f}**",
           ' / '.join(f'{a:.1f}' for a in v['accs']),
+          f"{v['acc_pop_mean']:.1f}",
           f"{v['train_loss_last_tenth']:.2f}", f"{v['stem_norm_end']:.2f}",
           f"{v['seconds_per_run']:.0f}"] for n, v in summary.items()])
     check_table = markdown_table(
