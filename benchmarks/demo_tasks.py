@@ -57,15 +57,15 @@ import make_demo_data  # noqa: E402
 #: Taylor compensation). ``cbna``: the authors' backward rule
 #: (``window_grad=False``: past entries are constants; ``cbn`` uses the
 #: window gradient, the default). ``cbnu``: upstream-normalization
-#: compensation (``compensate='upstream'``), ``cbnuw`` with window running
-#: statistics.
+#: compensation with batch running statistics, ``cbnuw`` with window running
+#: statistics (``compensate='upstream'``'s default).
 NORMS = ('bn', 'gn', 'cbnn', 'cbna', 'cbn', 'cbnw', 'cbnu', 'cbnuw')
 #: The CBN-config variants and the norm_cfg options each sets.
 CBN_VARIANTS = {
     'cbnw': ('running_stats_from=window', ),
     'cbnn': ('compensate=False', ),
     'cbna': ('window_grad=False', ),
-    'cbnu': ('compensate=upstream', ),
+    'cbnu': ('compensate=upstream', 'running_stats_from=batch'),
     'cbnuw': ('compensate=upstream', 'running_stats_from=window'),
 }
 #: Images per batch when statistics are re-estimated (``--population``).

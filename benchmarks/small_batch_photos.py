@@ -216,7 +216,8 @@ def run_specs(quick=False):
         # upstream-normalization compensation (the photo study at tuned
         # learning rates is benchmarks/upstream_study.py)
         dict(name='digits CBN-up b2 k8', norm='cbn', batch=2,
-             kwargs=dict(window=8, compensate='upstream'), burnin=0.25,
+             kwargs=dict(window=8, compensate='upstream',
+                         running_stats_from='batch'), burnin=0.25,
              data='digits'),
         dict(name='digits CBN-up-w b2 k8', norm='cbn', batch=2,
              kwargs=dict(window=8, compensate='upstream',

@@ -20,8 +20,9 @@ Methods: BN at batches 2 and 32, GN at batch 2, and CBN at batch 2 with
 window 8 (burn-in 25% of the iterations) in four settings: the producer's
 compensation only (``compensate=True``), the same with window running
 statistics (``running_stats_from='window'``), the upstream-normalization
-compensation (``compensate='upstream'``), and upstream with window running
-statistics. A reference row, the "ceiling", re-runs the samples of the last
+compensation with batch running statistics (``compensate='upstream',
+running_stats_from='batch'``), and with window running statistics (the
+option's default). A reference row, the "ceiling", re-runs the samples of the last
 7 iterations through the *current* network with the current batch (BN over
 16 images, the loss on the current 2; 8 times the compute): what a perfect
 compensation would give.
@@ -67,7 +68,8 @@ def methods():
         dict(cbn, name='CBN-w b2',
              kwargs=dict(window=WINDOW, running_stats_from='window')),
         dict(cbn, name='CBN-up b2',
-             kwargs=dict(window=WINDOW, compensate='upstream')),
+             kwargs=dict(window=WINDOW, compensate='upstream',
+                         running_stats_from='batch')),
         dict(cbn, name='CBN-up-w b2',
              kwargs=dict(window=WINDOW, compensate='upstream',
                          running_stats_from='window')),

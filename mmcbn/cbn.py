@@ -73,8 +73,10 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
             ``'window'``, the window statistics the layer normalized with
             (mean and variance over the k iterations, so the variance also
             holds the spread of the batch means, which the per-batch
-            variance misses). Identical during burn-in. Defaults to
-            ``'batch'``.
+            variance misses). Identical during burn-in. None: ``'window'``
+            with ``compensate='upstream'`` (whose networks need them at
+            batch 2: benchmarks/upstream_study.py), ``'batch'`` otherwise.
+            Defaults to None.
         moment_stride (int): Opt-in fast compensation: estimate the
             second-moment gradient ``d nu / d W`` of a convolution from every
             ``moment_stride``-th output row and column (a random phase per
@@ -115,7 +117,7 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
                  burnin: Union[int, float] = 0,
                  burnin_by_epoch: bool = False,
                  compensate: Union[bool, str] = True,
-                 running_stats_from: str = 'batch',
+                 running_stats_from: Optional[str] = None,
                  moment_stride: int = 1,
                  store_dtype: Optional[str] = None,
                  window_grad: Optional[bool] = None,
@@ -136,6 +138,9 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
         self.burnin = burnin
         self.burnin_by_epoch = burnin_by_epoch
         self.compensate = compensate
+        if running_stats_from is None:
+            running_stats_from = 'window' if compensate == 'upstream' \
+                else 'batch'
         self.running_stats_from = running_stats_from
         self.iters_per_epoch: Optional[int] = None
         #: Name in the model, for messages (set by CBNHook or the helpers).

@@ -64,10 +64,11 @@ def check_window_args(window, burnin, burnin_by_epoch, compensate,
                                                          (bool, str)):
         raise ValueError('CBN compensate must be True, False or '
                          f"'upstream', got {compensate!r}")
-    if not isinstance(running_stats_from, str) or \
-            running_stats_from not in RUNNING_STATS_SOURCES:
+    if running_stats_from is not None and (
+            not isinstance(running_stats_from, str)
+            or running_stats_from not in RUNNING_STATS_SOURCES):
         raise ValueError(
-            'CBN running_stats_from must be one of '
+            'CBN running_stats_from must be None or one of '
             f'{", ".join(map(repr, RUNNING_STATS_SOURCES))}, got '
             f'{running_stats_from!r}')
     check_int('moment_stride', moment_stride, 1)

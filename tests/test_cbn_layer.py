@@ -139,7 +139,8 @@ def test_registered_in_root_registry_for_every_scope(scope):
     (dict(compensate='yes'),
          "compensate must be True, False or 'upstream', got 'yes'"),
     (dict(running_stats_from='windows'),
-     "running_stats_from must be one of 'batch', 'window', got 'windows'"),
+     "running_stats_from must be None or one of 'batch', 'window', got "
+         "'windows'"),
 ])
 def test_bad_arguments_name_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -45,9 +45,9 @@ CBN_VALID = {
     'burnin': lambda v, cfg: (is_number(v) and v >= 0) if cfg.get(
         'burnin_by_epoch') is True else is_int(v, 0),
     'burnin_by_epoch': lambda v, cfg: isinstance(v, bool),
-    'compensate': lambda v, cfg: isinstance(v, bool),
-    'running_stats_from': lambda v, cfg: isinstance(v, str) and v in (
-        'batch', 'window'),
+    'compensate': lambda v, cfg: isinstance(v, bool) or v == 'upstream',
+    'running_stats_from': lambda v, cfg: v is None or (
+        isinstance(v, str) and v in ('batch', 'window')),
     'eps': lambda v, cfg: is_number(v) and v > 0,
     'momentum': lambda v, cfg: v is None or (is_number(v) and 0 <= v <= 1),
     'affine': lambda v, cfg: isinstance(v, bool),
@@ -62,8 +62,8 @@ CBN_BAD = {
     'window': [0, -3, 2.5, 4.0, True, '4', None, [4], NAN],
     'burnin': [-1, 1.5, '3', None, True, [0], NAN, INF],
     'burnin_by_epoch': [1, 0, 'yes', None, 1.0, [True]],
-    'compensate': [1, 'no', None, 0.0],
-    'running_stats_from': ['windows', 'Batch', None, 1, ['batch'],
+    'compensate': [1, 'no', None, 0.0, 'Upstream', ['upstream']],
+    'running_stats_from': ['windows', 'Batch', 1, ['batch'],
                            ('batch', )],
     'eps': [0, 0.0, -1e-5, '1e-5', None, True, NAN, INF, [1e-5]],
     'momentum': [-0.1, 1.5, '0.1', True, NAN, INF, [0.1]],
@@ -79,8 +79,8 @@ CBN_GOOD = {
     'window': [1, 2, 16],
     'burnin': [0, 7],
     'burnin_by_epoch': [False, True],
-    'compensate': [True, False],
-    'running_stats_from': ['batch', 'window'],
+    'compensate': [True, False, 'upstream'],
+    'running_stats_from': [None, 'batch', 'window'],
     'eps': [1e-3, 1, 1e-12],
     'momentum': [None, 0, 1, 0.5],
     'affine': [True, False],
@@ -166,7 +166,9 @@ def test_valid_cbn_option_builds_and_trains(key, value):
            'affine': layer.affine,
            'track_running_stats': layer.track_running_stats}.get(
                key, getattr(layer, key, None))
-    assert got == value
+    # (None resolves: 'window' with compensate='upstream', else 'batch')
+    assert got == ('batch' if key == 'running_stats_from' and value is None
+                   else value)
     if layer.burnin_by_epoch:
         layer.iters_per_epoch = 2
     conv = nn.Conv2d(3, 6, 3, padding=1)

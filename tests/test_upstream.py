@@ -312,3 +312,16 @@ def test_complete_feeding_reuses_the_directions_for_d_nu_dw(monkeypatch):
     assert direct == [4, 4, 4]
     feeding = [b.upstream for b in ours.n2.bindings]
     assert feeding == ['CBN2d(4), CBN2d(4)']
+
+
+def test_running_statistics_default_follows_the_compensation():
+    """running_stats_from=None: window statistics with the upstream
+    compensation (its networks need them at batch 2), batch ones
+    otherwise; an explicit value wins."""
+    assert CBN2d(4, compensate='upstream').running_stats_from == 'window'
+    assert CBN2d(4).running_stats_from == 'batch'
+    assert CBN2d(4, compensate=False).running_stats_from == 'batch'
+    assert CBN2d(4, compensate='upstream',
+                 running_stats_from='batch').running_stats_from == 'batch'
+    assert CBN2d(4, running_stats_from='window').running_stats_from == \
+        'window'
