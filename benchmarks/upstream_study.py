@@ -22,12 +22,12 @@ compensation only (``compensate=True``), the same with window running
 statistics (``running_stats_from='window'``), the upstream-normalization
 compensation with batch running statistics (``compensate='upstream',
 running_stats_from='batch'``), and with window running statistics (the
-option's default). A reference row, the "ceiling", re-runs the samples of the last
-7 iterations through the *current* network with the current batch (BN over
-16 images, the loss on the current 2; 8 times the compute): what a perfect
-compensation would give.
+option's default). A reference row, the "ceiling", re-runs the samples of
+the last 7 iterations through the *current* network with the current
+batch (BN over 16 images, the loss on the current 2; 8 times the
+compute): what a perfect compensation would give.
 
-    python benchmarks/upstream_study.py            # full study (1 thread)
+    python benchmarks/upstream_study.py --ceiling-lr 0.1  # full (1 thread)
     python benchmarks/upstream_study.py --quick    # smoke test (< 2 min)
     python benchmarks/upstream_study.py --methods 'GN b2' 'BN b2'
 
