@@ -225,9 +225,10 @@ def read_cbn_health(model: nn.Module,
         ``unbound`` layer counts (and, with ``compensate='upstream'``,
         ``upstream_followed``/``upstream_fallbacks``: feeding norms
         followed and paths that fell back, over all layers). Once a
-        layer has been monitored, every metric is given: a metric with no term since the last read (no
-        window entry was used: burn-in, an unbound layer, windows still
-        empty) is 0.0, its value for BatchNorm. So a log has the same keys
+        layer has been monitored, every metric is given: a metric with no
+        term since the last read (no window entry was used: burn-in, an
+        unbound layer, windows still empty) is 0.0, its value for
+        BatchNorm. So a log has the same keys
         in every line, and a value is never left over from an earlier read.
     """
     layers = _layers(model)
