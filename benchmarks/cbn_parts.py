@@ -434,8 +434,10 @@ def replay_functions(probe, device):
                       for name in ('pbar', 'var_grad') if name in c['slots'])
 
     def window_gradient():
+        # (without the upstream terms: they are the upstream part's)
         for c in wgrads:
-            window_module.window_grad_terms(c['slots'], *c['args'])
+            window_module.window_grad_terms(c['slots'], *c['args'][:-1],
+                                            False)
 
     def window_gradient_floor():
         for c in wgrads:
@@ -449,9 +451,14 @@ def replay_functions(probe, device):
     upstreams = probe.upstreams
 
     def upstream():
+        # its derivatives (recording) and its window gradient terms
         for c in upstreams:
             c['prod'].upstream_grads(c['u'], c['x'], c['centered'],
                                      c['stride'], c['phase'], c['affine'])
+        for c in wgrads:
+            if c['args'][-1]:
+                args = c['args'][:-2] + (False, True)
+                window_module.window_grad_terms(c['slots'], *args)
 
     def upstream_floor():
         for c in upstreams:
