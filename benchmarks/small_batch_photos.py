@@ -679,13 +679,10 @@ def append_finished(path, args, name, run):
                                 run=run)) + '\n')
 
 
-def main(argv=None):
-    parser = benchmark_parser(__doc__)
-    parser.add_argument('--seeds', type=int, nargs='+',
-                        default=[0, 1, 2, 3, 4])
+def add_task_arguments(parser):
+    """The task's and the training schedule's arguments (shared with
+    ``upstream_study.py``)."""
     parser.add_argument('--epochs', type=int, default=3)
-    parser.add_argument('--base-lr', type=float, default=0.1,
-                        help='learning rate at batch 32 (linear scaling)')
     parser.add_argument('--weight-decay', type=float, default=5e-4)
     parser.add_argument('--widths', type=int, nargs='+',
                         default=[16, 32, 64, 128])
@@ -699,10 +696,19 @@ def main(argv=None):
     parser.add_argument('--n-photos', type=int, default=None,
                         help='use only the first N photographs')
     parser.add_argument('--data-seed', type=int, default=0)
+    parser.add_argument('--threads', type=int, default=1)
+
+
+def main(argv=None):
+    parser = benchmark_parser(__doc__)
+    parser.add_argument('--seeds', type=int, nargs='+',
+                        default=[0, 1, 2, 3, 4])
+    parser.add_argument('--base-lr', type=float, default=0.1,
+                        help='learning rate at batch 32 (linear scaling)')
+    add_task_arguments(parser)
     parser.add_argument('--noise-batches', type=int, default=2000)
     parser.add_argument('--runs', nargs='+', default=None,
                         help='only the runs with these names')
-    parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--work-dir', help='where finished runs are kept '
                         '(default: work_dirs/small_batch_photos[_quick])')
     parser.add_argument('--replot', metavar='JSON',

@@ -50,8 +50,9 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from common import (ROOT, Timer, benchmark_parser, machine_info,  # noqa: E402
                     markdown_table, save_png, write_json)
 from small_batch import mean_std  # noqa: E402
-from small_batch_photos import (load_data, load_finished,  # noqa: E402
-                                settings_key, train_one)
+from small_batch_photos import (add_task_arguments,  # noqa: E402
+                                load_data, load_finished, settings_key,
+                                train_one)
 
 WINDOW = 8
 BURNIN = 0.25
@@ -179,21 +180,9 @@ def main(argv=None):
     parser.add_argument('--methods', nargs='+', default=None)
     parser.add_argument('--ceiling-lr', type=float, default=None,
                         help='base lr of the ceiling row (default: tuned)')
-    parser.add_argument('--epochs', type=int, default=3)
-    parser.add_argument('--weight-decay', type=float, default=5e-4)
-    parser.add_argument('--widths', type=int, nargs='+',
-                        default=[16, 32, 64, 128])
-    parser.add_argument('--blocks', type=int, nargs='+',
-                        default=[1, 1, 1, 1])
-    parser.add_argument('--short', type=int, default=64)
-    parser.add_argument('--grid', type=int, default=2)
-    parser.add_argument('--crop', type=int, default=16)
-    parser.add_argument('--n-train', type=int, default=20)
-    parser.add_argument('--n-test', type=int, default=10)
-    parser.add_argument('--n-val', type=int, default=5)
-    parser.add_argument('--n-photos', type=int, default=None)
-    parser.add_argument('--data-seed', type=int, default=0)
-    parser.add_argument('--threads', type=int, default=1)
+    add_task_arguments(parser)
+    parser.add_argument('--n-val', type=int, default=5,
+                        help='validation crops per class (from training)')
     parser.add_argument('--work-dir')
     args = parser.parse_args(argv)
     if args.quick:
