@@ -267,7 +267,9 @@ def main(argv=None):
     print(lr_table, table, check_table, sep='\n\n')
     title = (f"photo crops, batch 2, tuned lr, {len(args.seeds)} seeds")
     out = dict(benchmark='upstream_study', machine=machine_info(),
-               config=dict(vars(args), window=WINDOW, burnin=BURNIN),
+               config=dict({k: v for k, v in vars(args).items()
+                            if k not in ('out', 'work_dir')},
+                           window=WINDOW, burnin=BURNIN),
                tuning=tuning, chosen=chosen, summary=summary, checks=checks,
                runs=results, lr_markdown=lr_table, table_markdown=table,
                checks_markdown=check_table, total_seconds=timer())

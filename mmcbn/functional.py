@@ -311,8 +311,10 @@ def _window_param_grads(ctx, weight: Optional[Tensor],
         up_grads = (None, ) * len(ctx.up_slices)
         if terms.up_p is not None:
             # dL/d[gamma_t; beta_t] of the feeding norms, (2, C_f)
-            grad_up = torch.einsum('j,jkc->kc', g_mean, terms.up_p) + \
-                torch.einsum('j,jkc->kc', g_var, terms.up_q)
+            # (element-wise products and a sum: no matmul that an autocast
+            # region around the backward would run in half precision)
+            grad_up = (g_mean.view(-1, 1, 1) * terms.up_p +
+                       g_var.view(-1, 1, 1) * terms.up_q).sum(0)
             up_grads = tuple(
                 grad_up[part, start:stop].to(dtype) if need else None
                 for (part, start, stop, dtype), need in zip(
