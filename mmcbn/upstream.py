@@ -278,18 +278,12 @@ def upstream_now(feeding: Feeding, lags: int) -> Upstream:
     """Collect the feeding norms' current state for ``lags`` lags."""
     like = feeding.paths[0].source.mean
     dtype = like.dtype
-    gammas, betas, means, stds, epss, h_mean, h_var, h_ok = ([] for _ in
-                                                             range(8))
+    gamma, beta, mean_t, std_t = feeding_state(feeding, like)[:4]
+    epss, h_mean, h_var, h_ok = [], [], [], []
     for path in feeding.paths:
         src = path.source
-        layer = src.layer
         channels = src.x.shape[1]
-        gamma, beta = _affine(layer, channels, like)
-        gammas.append(gamma)
-        betas.append(beta)
-        means.append(src.mean.to(dtype))
-        stds.append(src.std.to(dtype))
-        epss.append(like.new_full((channels, ), layer.eps))
+        epss.append(like.new_full((channels, ), src.layer.eps))
         stats = src.stats
         have = 0 if stats is None else min(lags, stats.mean.shape[0] - 1)
         mean = var = ok = None
@@ -305,10 +299,9 @@ def upstream_now(feeding: Feeding, lags: int) -> Upstream:
         h_mean.append(mean.to(dtype))
         h_var.append(var.to(dtype))
         h_ok.append(ok.unsqueeze(1).expand(lags, channels))
-    return Upstream(
-        torch.cat(gammas), torch.cat(betas), torch.cat(means),
-        torch.cat(stds), torch.cat(epss), torch.cat(h_mean, 1),
-        torch.cat(h_var, 1), torch.cat(h_ok, 1))
+    return Upstream(gamma, beta, mean_t, std_t, torch.cat(epss),
+                    torch.cat(h_mean, 1), torch.cat(h_var, 1),
+                    torch.cat(h_ok, 1))
 
 
 def _pad(head: Optional[Tensor], tail: Tensor) -> Tensor:

@@ -130,3 +130,33 @@ def test_small_variances_survive_the_eps_round_trip(monkeypatch):
     _, var = functional.welford_stats(x)
     ref = x.var((0, 2, 3), unbiased=False)
     torch.testing.assert_close(var, ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_upstream_state_is_float32_under_autocast(dtype):
+    """compensate='upstream': the feeding norms' derivatives and state
+    (and the matmuls that apply them) stay float32 under autocast, and
+    training stays finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), CBN2d(3, window=3,
+                                             compensate='upstream'),
+        nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1),
+        CBN2d(4, window=3, compensate='upstream'))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(2, 2, 8, 8, generator=gen) * 2 + 1
+        with torch.autocast('cpu', dtype=dtype):
+            y = model(x)
+        opt.zero_grad()
+        y.float().square().mean().backward()
+        opt.step()
+        assert torch.isfinite(y).all()
+    assert model[4].bindings[0].upstream_followed == 1
+    state = model[4]._windows[0]._buffers
+    assert {'up_hm', 'up_hc', 'up_state'} <= set(state)
+    for name, buf in state.items():
+        if buf.is_floating_point():
+            assert buf.dtype == torch.float32, name
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
