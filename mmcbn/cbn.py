@@ -324,9 +324,10 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
             self._update_running_stats(
                 stats.mean_bar, stats.var_bar,
                 torch.where(stats.keep, stats.count, 0.).sum())
-        else:
-            self._update_running_stats(stats.mean[0], stats.var[0],
-                                       stats.count[0])
+        else:  # (a host count where it is this process's batch)
+            self._update_running_stats(
+                stats.mean[0], stats.var[0], stats.count[0]
+                if source.distributed else x.numel() // x.shape[1])
         self._flag(DROPPED, history.dropped)
         return y, stats
 
@@ -347,13 +348,14 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
             upstream = tuple(upstream_params(binding.feeding))
         if weight is None and bias is None and not upstream:
             return None
-        slots, match = history.slots, history.match
+        slots, match, raw_mean = history.slots, history.match, \
+            history.raw_mean
 
         def terms(lag_weight, lag_mean, lag_pos, mean_bar, need_weight,
                   need_upstream):
             return window_grad_terms(slots, match, lag_weight, lag_mean,
-                                     lag_pos, mean_bar, need_weight,
-                                     need_upstream)
+                                     lag_pos, raw_mean, mean_bar,
+                                     need_weight, need_upstream)
 
         return WindowGrad(weight, bias, terms, upstream)
 

@@ -137,28 +137,33 @@ class WindowStats(NamedTuple):
     k: Tensor
 
 
-def window_moments(count: Tensor, mean: Tensor,
-                   var: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def window_moments(count: Tensor, mean: Tensor, var: Tensor,
+                   with_weights: bool = False) -> tuple:
     """Average the entries with ``count > 0``, each weighted equally.
 
     Args:
         count (Tensor): Samples per entry, shape (E, ).
-        mean (Tensor): Per-channel means, (E, C); ignored where count is 0.
+        mean (Tensor): Per-channel means, (E, C); finite, and ignored where
+            count is 0.
         var (Tensor): Per-channel variances ``nu - mu^2``, (E, C), before
-            the repair ``max(., 0)``.
+            the repair ``max(., 0)``; finite where count is 0.
+        with_weights (bool): Also return the entries' weights ``[count >
+            0] / K``.
 
     Returns:
         tuple[Tensor]: ``(mean_bar, var_bar, k, keep)`` with ``k`` (0-dim)
-        the number of entries averaged and ``keep`` (E, ) the mask.
+        the number of entries averaged and ``keep`` (E, ) the mask; and the
+        weights (E, ) if asked.
     """
     keep = count > 0
     k = keep.sum().to(mean.dtype)
-    weights = keep.to(mean.dtype) / k.clamp(min=1)
-    kept = keep.unsqueeze(1)
-    mean_bar = (weights.unsqueeze(1) * torch.where(kept, mean, 0.)).sum(0)
-    spread = torch.where(kept, var.clamp(min=0) +
-                         (mean - mean_bar).square(), 0.)
-    var_bar = (weights.unsqueeze(1) * spread).sum(0)
+    weights = keep / k.clamp(min=1)
+    # (an entry that does not count has weight 0 and finite values)
+    mean_bar = weights @ mean
+    shift = mean - mean_bar
+    var_bar = weights @ torch.addcmul(var.clamp(min=0), shift, shift)
+    if with_weights:
+        return mean_bar, var_bar, k, keep, weights
     return mean_bar, var_bar, k, keep
 
 
@@ -441,15 +446,17 @@ def window_norm(x: Tensor,
             mean = torch.cat([cur_mean.unsqueeze(0), hist_mean])
             var = torch.cat([cur_var.unsqueeze(0), hist_var])
             count, mean, var = source.combine(count, mean, var)
-            mean_bar, var_bar, k, keep = window_moments(count, mean, var)
+            mean_bar, var_bar, k, keep, weights = window_moments(
+                count, mean, var, with_weights=True)
             # the input gradient is BatchNorm's with K * n_0 samples
             n_eff = k * count[0]
             prod_weight = prod_bias = terms = None
             up_slices, up_params = (), ()
             if window_grad is not None:
                 prod_weight, prod_bias = window_grad.weight, window_grad.bias
-                terms = _window_grad_terms(window_grad, hist_count, count,
-                                           mean, var, keep, k, mean_bar)
+                terms = _window_grad_terms(window_grad, source, hist_count,
+                                           count, mean, var, keep, k,
+                                           weights, mean_bar)
                 up_params = tuple(p for p, *_ in window_grad.upstream)
                 up_slices = tuple((part, start, stop, p.dtype)
                                   for p, part, start, stop in
@@ -460,15 +467,20 @@ def window_norm(x: Tensor,
     return y, WindowStats(count, mean, var, keep, mean_bar, var_bar, k)
 
 
-def _window_grad_terms(window_grad: WindowGrad, local_count: Tensor,
-                       count: Tensor, mean: Tensor, var: Tensor, keep: Tensor,
-                       k: Tensor, mean_bar: Tensor):
+def _window_grad_terms(window_grad: WindowGrad, source: StatsSource,
+                       local_count: Tensor, count: Tensor, mean: Tensor,
+                       var: Tensor, keep: Tensor, k: Tensor, weights: Tensor,
+                       mean_bar: Tensor):
     """The entry weights of this process's past entries (``1/K`` times its
-    share of each combined entry) and the closed-form terms."""
-    total = count[1:]
-    share = torch.where(total > 0, local_count / total.clamp(min=1e-30),
-                        0.)
-    lag_weight = keep[1:].to(mean.dtype) * share / k.clamp(min=1)
+    share of each combined entry, which is 1 for a local source) and the
+    closed-form terms."""
+    if source.distributed:
+        total = count[1:]
+        share = torch.where(total > 0,
+                            local_count / total.clamp(min=1e-30), 0.)
+        lag_weight = keep[1:].to(mean.dtype) * share / k.clamp(min=1)
+    else:
+        lag_weight = weights[1:]
     need_weight = window_grad.weight is not None and \
         window_grad.weight.requires_grad
     return window_grad.terms(lag_weight, mean[1:], var[1:] >= 0, mean_bar,

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .functional import batch_norm_with_stats
 from .health import SKIPPED
+from .window import all_finite
 
 
 class RunningStatistics:
@@ -43,28 +44,35 @@ class RunningStatistics:
         """
         if not self.track_running_stats or self.running_mean is None:
             return
-        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        finite = all_finite(mean, var)
         if isinstance(count, Tensor):
             nonempty = count > 0
             bessel = torch.where(count > 1, count / (count - 1).clamp(min=1),
                                  1.)
             skipped = nonempty & ~finite
             update = nonempty & finite
-        else:
+            tracked = ~skipped
+        else:  # a count the host knows: fewer ops
             bessel = count / (count - 1) if count > 1 else 1.0
-            skipped = ~finite if count > 0 else torch.zeros_like(finite)
-            update = finite if count > 0 else skipped
-        self._flag(SKIPPED, skipped)
-        self.num_batches_tracked.add_(~skipped)
+            skipped = ~finite if count > 0 else None
+            update = finite if count > 0 else None
+            tracked = finite if count > 0 else 1
+        if skipped is not None:
+            self._flag(SKIPPED, skipped)
+        self.num_batches_tracked.add_(tracked)
+        if update is None:  # an empty batch: nothing to average
+            return
         if self.momentum is None:
             factor = 1.0 / self.num_batches_tracked.clamp(min=1).to(
                 self.running_mean.dtype)
         else:
             factor = self.momentum
         running_mean, running_var = self.running_mean, self.running_var
+        var = var * bessel if isinstance(bessel, Tensor) or bessel != 1 \
+            else var
         running_mean.lerp_(
             torch.where(update, mean.to(running_mean.dtype), running_mean),
             factor)
         running_var.lerp_(
-            torch.where(update, (var * bessel).to(running_var.dtype),
-                        running_var), factor)
+            torch.where(update, var.to(running_var.dtype), running_var),
+            factor)

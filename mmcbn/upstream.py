@@ -322,7 +322,7 @@ def upstream_params(feeding: Feeding):
         start += channels
 
 
-def upstream_shift(state: Tensor, lag: Tensor, now: Upstream
+def upstream_shift(state: Tensor, match: Tensor, now: Upstream
                    ) -> Tuple[Tensor, Tensor, Tensor]:
     """The displacement ``[gamma' - gamma_tau; beta' - beta_tau]`` of
     every slot, and the derivatives of ``gamma'``/``beta'`` in
@@ -331,7 +331,8 @@ def upstream_shift(state: Tensor, lag: Tensor, now: Upstream
     Args:
         state (Tensor): (S, 6, C_f) the slots' recorded ``(gamma, beta, m,
             s, mu, v)``.
-        lag (Tensor): (S, ) each slot's age.
+        match (Tensor): (L, S) float, 1 where lag ``e`` is held by slot
+            ``s`` (:class:`mmcbn.window.Layout`).
         now (Upstream): The feeding norms now.
 
     Returns:
@@ -341,9 +342,7 @@ def upstream_shift(state: Tensor, lag: Tensor, now: Upstream
     """
     dtype = state.dtype
     gamma_s, beta_s, m_s, s_s, mu_s, v_s = state.unbind(1)
-    lags = now.hist_mean.shape[0]
-    select = (lag.unsqueeze(1) == torch.arange(
-        1, lags + 1, device=lag.device)).to(dtype)  # (S, L)
+    select = match.t().to(dtype)  # (S, L)
     ok = (select @ now.hist_ok.to(dtype)) > 0
     mu_t = torch.where(ok, select @ now.hist_mean, mu_s)
     v_t = torch.where(ok, select @ now.hist_var, v_s)

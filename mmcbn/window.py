@@ -45,10 +45,11 @@ from .binding import Binding
 from .upstream import (Upstream, feeding_affine, feeding_state,
                        normalized_inputs, upstream_shift)
 
-#: The iteration an empty slot pretends to hold: never inside a window.
-_EMPTY_SLOT = -(1 << 62)
 #: Per-slot bookkeeping tensors (not records).
-_META = ('iteration', 'cycle', 'count', 'ok')
+_META = ('count', 'ok')
+#: Window layouts (device constants) kept per window: a ring of ``S`` slots
+#: in steady state cycles through ``S`` of them.
+_MAX_LAYOUTS = 64
 #: Positions of the parameter ids (weight, bias) in a producer key.
 _PARAM_ID_FIELDS = (1, 3)
 
@@ -94,14 +95,29 @@ def record_phase(iteration: int, position: int, dim: int,
     return h % stride
 
 
-def _group_dot(pbar: Tensor, weight: Tensor) -> Tensor:
-    """Per-output-channel ``pbar[group(j)] . W_j``; pbar: (..., G, L)."""
+def _group_dot(pbar: Tensor, weight: Tensor, add_to: Optional[Tensor] = None,
+               alpha: float = 1) -> Tensor:
+    """Per-output-channel ``pbar[group(j)] . W_j``; pbar: (..., G, L).
+
+    With ``add_to`` (a tensor of the result's shape, or broadcasting to
+    it): ``add_to + alpha * pbar . W``, in one op where ``pbar`` is at most
+    2-D.
+    """
     groups = pbar.shape[-2]
+    if groups == 1 and pbar.dim() <= 3:
+        w = weight.reshape(weight.shape[0], -1).t()
+        p = pbar[..., 0, :]
+        if add_to is None:
+            return torch.matmul(p, w)
+        return torch.addmm(add_to, p.reshape(-1, p.shape[-1]), w,
+                           alpha=alpha).reshape(add_to.shape)
     if groups == 1:
-        return torch.matmul(pbar[..., 0, :], weight.reshape(
+        dot = torch.matmul(pbar[..., 0, :], weight.reshape(
             weight.shape[0], -1).t())
-    w = weight.reshape(groups, weight.shape[0] // groups, -1)
-    return torch.einsum('...gl,gol->...go', pbar, w).flatten(-2)
+    else:
+        w = weight.reshape(groups, weight.shape[0] // groups, -1)
+        dot = torch.einsum('...gl,gol->...go', pbar, w).flatten(-2)
+    return dot if add_to is None else add_to + alpha * dot
 
 
 def _row_dot(grad: Tensor, weight: Tensor) -> Tensor:
@@ -148,6 +164,48 @@ def _block_dot(deriv: Tensor, shift: Tensor) -> Tensor:
                      shift.reshape(slots, -1, 1).to(deriv.dtype))[..., 0]
 
 
+def finite_rows(t: Tensor) -> Tensor:
+    """Per row of a 2-D tensor: whether every value is finite (bool, (R, )).
+
+    Three ops where ``torch.isfinite(t).all(1)`` takes six (``isfinite``
+    is a composite of five): the row sum is finite exactly when its values
+    are, unless they are so large that the sum overflows float32 (1e38:
+    a diverged entry either way).
+    """
+    return t.sum(1).mul_(0) == 0
+
+
+def all_finite(*tensors: Tensor) -> Tensor:
+    """Whether every value of ``tensors`` is finite (0-dim bool), as
+    :func:`finite_rows` (a sum that overflows counts as not finite)."""
+    if all(t.shape == tensors[0].shape for t in tensors):
+        total = tensors[0]
+        for t in tensors[1:]:
+            total = total + t
+        total = total.sum()
+    else:
+        total = sum(t.sum() for t in tensors)
+    return total.mul_(0) == 0
+
+
+class Layout(NamedTuple):
+    """Which slot holds which lag now, as device constants (no grad).
+
+    It depends only on iteration numbers the host assigned, so it is built
+    on the host's knowledge, once per distinct layout (a ring in steady
+    state cycles through ``capacity`` of them) and reused: a training step
+    spends no op on lag matching.
+    """
+
+    #: (L, S) float, 1 where lag ``e`` is held by slot ``s``.
+    match: Tensor
+    #: (S, ) bool, the slot holds a lag inside the window.
+    in_window: Tensor
+    #: (S, 1) bool, the slot is of the current accumulation cycle (used as
+    #: recorded); None if none is.
+    exact: Optional[Tensor]
+
+
 def _without_ids(feed: Optional[tuple]) -> Optional[tuple]:
     """A feeding-norm identity without the layers' ``id``."""
     return None if feed is None else tuple(
@@ -161,8 +219,10 @@ def _weighted_rows(grad: Tensor, coef: Tensor) -> Tensor:
     in cache-sized chunks of output channels.
     """
     slots, channels, length = grad.shape
-    out = coef.new_empty((channels, length))
     rows = max(1, _CHUNK_ELEMENTS // max(slots * length, 1))
+    if rows >= channels:
+        return (grad * coef.unsqueeze(2)).sum(0)
+    out = coef.new_empty((channels, length))
     for start in range(0, channels, rows):
         stop = start + rows
         torch.sum(grad[:, start:stop, :] * coef[:, start:stop, None], 0,
@@ -195,7 +255,8 @@ class WindowGradTerms(NamedTuple):
 
 def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
                       lag_weight: Tensor, lag_mean: Tensor, lag_pos: Tensor,
-                      mean_bar: Tensor, need_weight: bool,
+                      lag_raw_mean: Tensor, mean_bar: Tensor,
+                      need_weight: bool,
                       need_upstream: bool = False) -> WindowGradTerms:
     """Collect the window gradient of one call (method note, "Gradients",
     window rule) over the ring's slots, before the current record is
@@ -212,55 +273,66 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
     and the entry is first order in the producer's parameters:
     ``d mu_e / dW = pbar_e``, ``d nu_e / dW = G_e = Gc_e + 2 mu_e,raw
     pbar_e``, ``d mu_e / db = 1``, ``d nu_e / db = 2 mu_e,raw``. So with
-    ``d_e = mu_e - mean_bar + [v_e >= 0] (mu_e,raw - mu_e)`` (differences
-    of near numbers, no cancellation)::
+    ``d_e = mu_e - mean_bar + [v_e >= 0] (mu_e,raw - mu_e)``, which is
+    ``mu_e,raw - mean_bar`` or ``mu_e - mean_bar`` (differences of near
+    numbers, no cancellation)::
 
         U = sum_e w_e pbar_e,  V = sum_e w_e (2 d_e pbar_e + [v_e >= 0] Gc_e)
         bu = sum_e w_e,        bv = sum_e 2 w_e d_e
 
+    The per-lag coefficients are formed first (L x C) and moved to the
+    ring's slots by ``match`` (each slot holds at most one lag).
+
     Args:
-        slots (dict): The ring's buffers (``raw_mean``, and ``pbar`` /
-            ``var_grad`` where recorded).
+        slots (dict): The ring's buffers (``pbar`` / ``var_grad`` where
+            recorded).
         match (Tensor): (L, S), lag ``e`` is held by slot ``s``.
         lag_weight (Tensor): (L, ) the weights ``w_e`` (0: not counted).
-        lag_mean (Tensor): (L, C) the entries' (combined) means.
+        lag_mean (Tensor): (L, C) the entries' (combined) means (finite).
         lag_pos (Tensor): (L, C) bool, ``v_e >= 0`` (not repaired).
+        lag_raw_mean (Tensor): (L, C) their means as recorded (finite).
         mean_bar (Tensor): (C, ) the window mean.
         need_weight (bool): Whether to build ``U`` and ``V``.
         need_upstream (bool): Whether to build the upstream terms (where
             the slots hold them).
     """
     dtype = lag_mean.dtype
-    weight = lag_weight @ match  # (S, )
-    used = (weight != 0).unsqueeze(1)
-    mean_s = match.t() @ lag_mean
-    pos_s = match.t() @ lag_pos.to(dtype)
-    d = mean_s - mean_bar + pos_s * (slots['raw_mean'] - mean_s)
-    wd2 = torch.where(used, 2 * weight.unsqueeze(1) * d, 0.)  # (S, C)
-    bv = wd2.sum(0)
-    bu = weight.sum().expand(bv.shape)
+    wd = (torch.where(lag_pos, lag_raw_mean, lag_mean) - mean_bar).mul_(
+        lag_weight.unsqueeze(1))  # w_e d_e, (L, C)
+    bv = wd.sum(0).mul_(2)
+    bu = lag_weight.sum().expand(bv.shape)
+    need_upstream = need_upstream and 'up_dgamma' in slots
+    need_weight = need_weight and 'pbar' in slots
+    if not (need_weight or need_upstream):
+        return WindowGradTerms(None, None, bu, bv)
+    # the coefficients of the slots' pbar and Gc (0 for a slot not used)
+    slot_w = lag_weight @ match  # (S, )
+    slot_wd = match.t() @ wd
+    slot_wpos = match.t() @ (lag_pos * lag_weight.unsqueeze(1))
     up_p = up_q = None
-    if need_upstream and 'up_dgamma' in slots:
-        up_p, up_q = _upstream_terms(slots, weight, used, wd2, pos_s)
-    if not need_weight or 'pbar' not in slots:
+    if need_upstream:
+        up_p, up_q = _upstream_terms(slots, slot_w, slot_wd, slot_wpos)
+    if not need_weight:
         return WindowGradTerms(None, None, bu, bv, up_p, up_q)
-    pbar = torch.where(used.unsqueeze(2), slots['pbar'].to(dtype), 0.)
+    pbar = slots['pbar'].to(dtype)
     groups = pbar.shape[1]
-    u = (weight @ pbar.reshape(pbar.shape[0], -1)).reshape(groups, -1)
-    v = _weighted_rows(slots['var_grad'],
-                       torch.where(used, weight.unsqueeze(1) * pos_s, 0.))
-    v += _group_dot_t(wd2, pbar)
+    u = (slot_w @ pbar.reshape(pbar.shape[0], -1)).reshape(groups, -1)
+    v = _weighted_rows(slots['var_grad'], slot_wpos)
+    if groups == 1:
+        v = torch.addmm(v, slot_wd.t(), pbar[:, 0, :], alpha=2)
+    else:
+        v += _group_dot_t(2 * slot_wd, pbar)
     return WindowGradTerms(u, v, bu, bv, up_p, up_q)
 
 
-def _upstream_terms(slots: Dict[str, Tensor], weight: Tensor, used: Tensor,
-                    wd2: Tensor, pos_s: Tensor) -> Tuple[Tensor, Tensor]:
+def _upstream_terms(slots: Dict[str, Tensor], weight: Tensor, wd: Tensor,
+                    coef_v: Tensor) -> Tuple[Tensor, Tensor]:
     """The upstream part of the window gradient (``compensate='upstream'``).
 
     Entry ``s`` moves by ``Hm_s [gamma'_s - gamma_s; beta'_s - beta_s]``
     (``Hc_s`` for the variance), with ``d gamma' / d gamma_t = a_s``,
     ``d beta' / d gamma_t = b_s`` and ``d beta' / d beta_t = 1``. With
-    the entry coefficients of :func:`window_grad_terms` (``w_s`` for the
+    the slot coefficients of :func:`window_grad_terms` (``w_s`` for the
     mean, ``2 w_s d_s`` and ``w_s [v_s >= 0]`` for the variance)::
 
         up_p = sum_s w_s J_s Hm_s
@@ -268,10 +340,16 @@ def _upstream_terms(slots: Dict[str, Tensor], weight: Tensor, used: Tensor,
 
     where ``J_s`` maps ``[d gamma'; d beta']`` to ``[d gamma_t; d
     beta_t]``.
+
+    Args:
+        slots (dict): The ring's buffers.
+        weight (Tensor): (S, ) ``w_s``.
+        wd (Tensor): (S, C) ``w_s d_s``.
+        coef_v (Tensor): (S, C) ``w_s [v_s >= 0]``.
     """
-    dtype = wd2.dtype
+    dtype = wd.dtype
     a, b = slots['up_dgamma'], slots['up_dbeta']  # (S, C_f)
-    rows = used.unsqueeze(2).unsqueeze(3)
+    rows = (weight != 0).view(-1, 1, 1, 1)
 
     def chained(deriv):
         deriv = torch.where(rows, deriv.to(dtype), 0.)
@@ -280,9 +358,8 @@ def _upstream_terms(slots: Dict[str, Tensor], weight: Tensor, used: Tensor,
         return torch.stack([d_gamma, deriv[:, :, 1]], 2)  # (S, C, 2, C_f)
 
     hm, hc = chained(slots['up_hm']), chained(slots['up_hc'])
-    coef_v = torch.where(used, weight.unsqueeze(1) * pos_s, 0.)
     up_p = torch.einsum('s,sjkc->jkc', weight, hm)
-    up_q = torch.einsum('sj,sjkc->jkc', wd2, hm) + torch.einsum(
+    up_q = torch.einsum('sj,sjkc->jkc', 2 * wd, hm) + torch.einsum(
         'sj,sjkc->jkc', coef_v, hc)
     return up_p, up_q
 
@@ -313,9 +390,7 @@ def make_record(binding: Binding,
     if not (compensate or derivatives) or binding.status != 'bound':
         return Record(raw_mean=mean, raw_var=var, a_mean=mean, a_var=var)
     dtype = mean.dtype
-    a_mean, a_var = (mean.clone(), var.clone()) if compensate else (mean,
-                                                                    var)
-    record = Record(raw_mean=mean, raw_var=var, a_mean=a_mean, a_var=a_var)
+    record = Record(raw_mean=mean, raw_var=var, a_mean=mean, a_var=var)
     centered = x - mean.view((1, -1) + (1, ) * (x.dim() - 2))
     feeding = binding.feeding
     own = None
@@ -337,10 +412,11 @@ def make_record(binding: Binding,
         record.var_grad = own if own is not None else \
             prod.moment_weight_grad(centered, moment_stride, phase)
         if compensate:
-            a_mean -= _group_dot(record.pbar, weight)
-            a_var -= _row_dot(record.var_grad, weight)
+            record.a_mean = _group_dot(record.pbar, weight, add_to=mean,
+                                       alpha=-1)
+            record.a_var = var - _row_dot(record.var_grad, weight)
     if prod.bias is not None and compensate:
-        a_mean -= prod.bias.to(dtype)
+        record.a_mean = record.a_mean - prod.bias.to(dtype)
     return record
 
 
@@ -401,12 +477,15 @@ class WindowState:
     def reset(self) -> None:
         """Forget every entry."""
         self.iterations: List[Optional[int]] = [None] * self.capacity
+        #: The accumulation cycle of each slot's iteration.
+        self.cycles: List[Optional[int]] = [None] * self.capacity
         self.key: Optional[tuple] = None
         #: The feeding norms the entries were recorded under (upstream
         #: compensation; None: none).
         self.feed: Optional[tuple] = None
         self._next = 0
         self._buffers: Dict[str, Tensor] = {}
+        self._layouts: Dict[tuple, Layout] = {}
 
     def __len__(self) -> int:
         """Slots holding an entry (finite or not)."""
@@ -436,8 +515,7 @@ class WindowState:
             name: value
             for name, value in vars(record).items() if value is not None
         }
-        ok = torch.isfinite(record.a_mean).all() & torch.isfinite(
-            record.a_var).all()
+        ok = all_finite(record.a_mean, record.a_var)
         if self.capacity == 0:
             return ok
         buffers = self._buffers
@@ -461,20 +539,9 @@ class WindowState:
                                       dtype=dtypes[name])
                 for name, value in fields.items()
             }
-            dtype = record.a_mean.dtype
-            device = record.a_mean.device
-            buffers['iteration'] = torch.full((self.capacity, ),
-                                              _EMPTY_SLOT,
-                                              dtype=torch.int64,
-                                              device=device)
-            buffers['cycle'] = torch.full((self.capacity, ),
-                                          _EMPTY_SLOT,
-                                          dtype=torch.int64,
-                                          device=device)
-            buffers['count'] = torch.zeros(
-                self.capacity, dtype=dtype, device=device)
+            buffers['count'] = record.a_mean.new_zeros(self.capacity)
             buffers['ok'] = torch.zeros(
-                self.capacity, dtype=torch.bool, device=device)
+                self.capacity, dtype=torch.bool, device=record.a_mean.device)
         if iteration in self.iterations:  # the same iteration again
             slot = self.iterations.index(iteration)
         else:
@@ -489,9 +556,8 @@ class WindowState:
                 target.copy_(value).masked_fill_(~ok, 0)
         buffers['ok'][slot].copy_(ok)
         buffers['count'][slot].fill_(count)
-        buffers['iteration'][slot].fill_(iteration)
-        buffers['cycle'][slot].fill_(iteration if cycle is None else cycle)
         self.iterations[slot] = iteration
+        self.cycles[slot] = iteration if cycle is None else cycle
         return ok
 
     def adopt_key(self, key: tuple, feed: Optional[tuple] = None) -> bool:
@@ -565,43 +631,80 @@ class WindowState:
         if not self.has_entries(iteration, lags, key, feed):
             return None
         buf = self._buffers
+        layout = self.layout(iteration, lags, cycle)
         mean, var = buf['a_mean'], buf['a_var']
+        raw_mean = buf['raw_mean']
         moved = False
-        lag = iteration - buf['iteration']
         slots = dict(buf)
         if upstream is not None and 'up_hm' in buf:
-            shift, dgamma, dbeta = upstream_shift(buf['up_state'], lag,
-                                                  upstream)
+            shift, dgamma, dbeta = upstream_shift(buf['up_state'],
+                                                  layout.match, upstream)
             mean = mean + _block_dot(buf['up_hm'], shift)
             var = var + _block_dot(buf['up_hc'], shift)
             slots.update(up_dgamma=dgamma, up_dbeta=dbeta)
             moved = True
         if 'pbar' in buf and weight is not None:
             w = weight.to(mean.dtype)
-            mean = mean + _group_dot(buf['pbar'], w)
+            mean = _group_dot(buf['pbar'], w, add_to=mean)
             var = var + _row_dot(buf['var_grad'], w)
             moved = True
         if bias is not None:
             mean = mean + bias.to(mean.dtype)
             moved = True
         if moved:  # the mean's shift, squared (first order in nu)
-            var = var - (mean - buf['raw_mean']).square()
-        if cycle is not None:
-            exact = (buf['cycle'] == cycle).unsqueeze(1)
-            mean = torch.where(exact, buf['raw_mean'], mean)
-            var = torch.where(exact, buf['raw_var'], var)
-        finite = torch.isfinite(mean).all(1) & torch.isfinite(var).all(1)
-        wanted = torch.arange(1, lags + 1, device=lag.device)
-        in_window = lag.unsqueeze(0) == wanted.unsqueeze(1)  # (L, S)
+            shift = mean - raw_mean
+            var = torch.addcmul(var, shift, shift, value=-1)
+        if layout.exact is not None:
+            mean = torch.where(layout.exact, raw_mean, mean)
+            var = torch.where(layout.exact, buf['raw_var'], var)
+        # one (S, 1 + 4C) block: checked, masked and matched to the lags
+        # at once
+        packed = torch.cat([buf['count'].unsqueeze(1).to(mean.dtype), mean,
+                            var, raw_mean, buf['raw_var']], 1)
+        finite = finite_rows(packed)
         usable = buf['ok'] & finite
-        match = (in_window & usable.unsqueeze(0)).to(mean.dtype)
-        dropped = (in_window.any(0) & buf['ok'] & ~finite).sum()
-        rows = usable.unsqueeze(1)
-        mean = torch.where(rows, mean, 0.)
-        var = torch.where(rows, var, 0.)
-        return History(match @ buf['count'], match @ mean, match @ var,
-                       match @ buf['raw_mean'], match @ buf['raw_var'],
-                       dropped, match, slots)
+        dropped = (layout.in_window & (buf['ok'] > usable)).sum()
+        packed = torch.where(usable.unsqueeze(1), packed, 0.)
+        rows = layout.match @ packed
+        c = mean.shape[1]
+        return History(rows[:, 0], rows[:, 1:1 + c], rows[:, 1 + c:1 + 2 * c],
+                       rows[:, 1 + 2 * c:1 + 3 * c], rows[:, 1 + 3 * c:],
+                       dropped, layout.match, slots)
+
+    def layout(self, iteration: int, lags: int,
+               cycle: Optional[int] = None) -> Layout:
+        """The device constants that match the slots to lags ``1 ..
+        lags`` at ``iteration`` (and mark those of accumulation cycle
+        ``cycle``): built from the host's iteration numbers once per
+        distinct layout, then reused."""
+        count = self._buffers['count']
+        lag_of = tuple(
+            iteration - it if it is not None and 1 <= iteration - it <= lags
+            else 0 for it in self.iterations)
+        exact = tuple(
+            bool(lag) and cycle is not None and cy == cycle
+            for lag, cy in zip(lag_of, self.cycles))
+        key = (lags, lag_of, exact, count.device, count.dtype)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) >= _MAX_LAYOUTS:
+                self._layouts.clear()
+            # filled element by element from host ints: no copy from the host
+            match = count.new_zeros((lags, self.capacity))
+            in_window = torch.zeros(
+                self.capacity, dtype=torch.bool, device=count.device)
+            mark = None
+            if any(exact):
+                mark = torch.zeros((self.capacity, 1), dtype=torch.bool,
+                                   device=count.device)
+            for slot, lag in enumerate(lag_of):
+                if lag:
+                    match[lag - 1, slot].fill_(1)
+                    in_window[slot].fill_(True)
+                if exact[slot]:
+                    mark[slot].fill_(True)
+            layout = self._layouts[key] = Layout(match, in_window, mark)
+        return layout
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
@@ -609,6 +712,7 @@ class WindowState:
         return dict(
             capacity=self.capacity,
             iterations=list(self.iterations),
+            cycles=list(self.cycles),
             next=self._next,
             key=self.key,
             feed=self.feed,
@@ -621,14 +725,26 @@ class WindowState:
         if state['capacity'] != self.capacity:
             raise ValueError(f'a window of {state["capacity"]} earlier '
                              f'entries cannot fill one of {self.capacity}')
+        buffers = dict(state['buffers'])
         self.iterations = list(state['iterations'])
+        # (windows saved before 2026-12-06 kept the slots' iterations and
+        # cycles on the device too; the host's lists are all that is used)
+        saved_cycles = buffers.pop('cycle', None)
+        buffers.pop('iteration', None)
+        if 'cycles' in state:
+            self.cycles = list(state['cycles'])
+        elif saved_cycles is not None:
+            self.cycles = [
+                None if it is None else int(cy)
+                for it, cy in zip(self.iterations, saved_cycles.tolist())
+            ]
+        else:
+            self.cycles = list(self.iterations)
         self._next = int(state['next'])
         self.key = state['key']
         self.feed = state.get('feed')
-        self._buffers = {
-            k: v.to(device)
-            for k, v in state['buffers'].items()
-        }
+        self._buffers = {k: v.to(device) for k, v in buffers.items()}
+        self._layouts = {}
 
 
 def entry_shapes(state: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
