@@ -107,9 +107,8 @@ class Producer:
         # The patch mean is linear in the input: sum the batch first.
         inp = inp.sum(0, keepdim=True)
         per_group = inp.shape[1] // self.groups
-        grad_out = x.new_full((), 1.0 / m).expand(
-            (1, self.groups) + tuple(x.shape[2:]))
-        pbar = _conv_weight_grad(grad_out.contiguous(), inp,
+        grad_out = x.new_full((1, self.groups) + tuple(x.shape[2:]), 1.0 / m)
+        pbar = _conv_weight_grad(grad_out, inp,
                                  (self.groups, per_group) + tuple(kernel),
                                  self)
         return pbar.reshape(self.groups, -1)
@@ -142,9 +141,10 @@ class Producer:
         else:
             conv = self
         m = x.numel() // x.shape[1]
-        shape = self.node._saved_weight.shape
-        shape = (shape[0], inp.shape[1] // self.groups) + tuple(shape[2:])
-        grad = _conv_weight_grad(x, inp, shape, conv)
+        saved = self.node._saved_weight
+        shape = (saved.shape[0], inp.shape[1] // self.groups) + tuple(
+            saved.shape[2:])
+        grad = _conv_weight_grad(x, inp, shape, conv, like=saved)
         return grad.reshape(grad.shape[0], -1).mul_(2.0 / max(m, 1))
 
     def upstream_grads(self, u: Tensor, x: Tensor, centered: Tensor,
@@ -216,8 +216,15 @@ class _ConvArgs:
 
 
 def _conv_weight_grad(grad_out: Tensor, inp: Tensor, weight_shape,
-                      prod: Producer) -> Tensor:
-    dummy = grad_out.new_empty(1).expand(tuple(weight_shape))
+                      prod: Producer, like: Optional[Tensor] = None) -> Tensor:
+    """The weight gradient of a convolution (only the weight's shape is
+    read: ``like``, a tensor of that shape, dtype and device, saves
+    allocating a stand-in)."""
+    if like is not None and tuple(like.shape) == tuple(weight_shape) and \
+            like.dtype == grad_out.dtype and like.device == grad_out.device:
+        dummy = like.detach()
+    else:
+        dummy = grad_out.new_empty(1).expand(tuple(weight_shape))
     nd = inp.dim() - 2
     return torch.ops.aten.convolution_backward(
         grad_out, inp, dummy, None, list(prod.stride), list(prod.padding),

@@ -156,12 +156,13 @@ def window_moments(count: Tensor, mean: Tensor, var: Tensor,
         weights (E, ) if asked.
     """
     keep = count > 0
-    k = keep.sum().to(mean.dtype)
+    k = keep.sum(dtype=mean.dtype)
     weights = keep / k.clamp(min=1)
     # (an entry that does not count has weight 0 and finite values)
-    mean_bar = weights @ mean
+    mean_bar = torch.mv(mean.t(), weights)
     shift = mean - mean_bar
-    var_bar = weights @ torch.addcmul(var.clamp(min=0), shift, shift)
+    var_bar = torch.mv(
+        torch.addcmul(var.clamp(min=0), shift, shift).t(), weights)
     if with_weights:
         return mean_bar, var_bar, k, keep, weights
     return mean_bar, var_bar, k, keep
@@ -234,15 +235,14 @@ class _WindowNorm(torch.autograd.Function):
                 grad_w = torch.zeros_like(weight) if need_w else None
                 grad_b = torch.zeros_like(weight) if need_b else None
             return (grad_x, grad_w, grad_b) + (None, ) * 5 + \
-                _no_window_grads(terms, ctx, weight, invstd, sums)
+                _window_grads(ctx, terms, weight, invstd, sums)
         if not x.is_cuda and not source.distributed and \
                 x.dtype == mean_bar.dtype == grad_y.dtype:
-            *grads, sum_dy, sum_dy_xmu = _local_cpu_backward(
+            grads, g_mean, g_var = _local_cpu_backward(
                 grad_y, x, weight, mean_bar, invstd, n_eff,
                 ctx.needs_input_grad[:3], terms is not None)
-            sums = None if terms is None else torch.cat([sum_dy, sum_dy_xmu])
-            return tuple(grads) + (None, ) * 5 + _no_window_grads(
-                terms, ctx, weight, invstd, sums)
+            return grads + (None, ) * 5 + _window_param_grads(
+                ctx, g_mean, g_var, terms)
         sums = None
         if x.is_cuda:
             grad_y = grad_y.contiguous(
@@ -275,31 +275,33 @@ class _WindowNorm(torch.autograd.Function):
         if not need_b:
             grad_b = None
         return (grad_x, grad_w, grad_b) + (None, ) * 5 + \
-            _no_window_grads(terms, ctx, weight, invstd, sums)
+            _window_grads(ctx, terms, weight, invstd, sums)
 
 
-def _no_window_grads(terms, ctx, *args) -> tuple:
-    """The gradients of ``prod_weight``, ``prod_bias``, ``terms``,
-    ``up_slices`` and the upstream parameters:
-    :func:`_window_param_grads` with the window rule, else None."""
-    if terms is None:
-        return (None, ) * (4 + len(ctx.up_slices))
-    return _window_param_grads(ctx, *args, terms=terms)
-
-
-def _window_param_grads(ctx, weight: Optional[Tensor],
-                        invstd: Tensor, sums: Optional[Tensor],
-                        terms=None) -> tuple:
-    """The window gradient into the producer's weight and bias (and None
-    for ``terms``), from the (combined) sums ``[sum g, sum g (x -
-    mean_bar)]``."""
+def _window_grads(ctx, terms, weight: Optional[Tensor], invstd: Tensor,
+                  sums: Optional[Tensor]) -> tuple:
+    """:func:`_window_param_grads` from the (combined) sums ``[sum g, sum
+    g (x - mean_bar)]``: ``dL/dmean_bar = -gamma invstd sum g`` and
+    ``dL/dvar_bar = -gamma invstd^3 sum g (x - mean_bar) / 2``."""
     if terms is None or sums is None:
-        return (None, ) * (4 + len(ctx.up_slices))
+        return _window_param_grads(ctx, None, None, None)
     channels = invstd.shape[0]
     gamma = invstd if weight is None else weight.to(invstd.dtype) * invstd
     g_mean = -gamma * sums[:channels].to(invstd.dtype)
     g_var = -0.5 * gamma * invstd.square() * sums[channels:].to(
         invstd.dtype)
+    return _window_param_grads(ctx, g_mean, g_var, terms)
+
+
+def _window_param_grads(ctx, g_mean: Optional[Tensor],
+                        g_var: Optional[Tensor], terms=None) -> tuple:
+    """The window gradient into the producer's weight and bias and the
+    feeding norms' parameters (and None for ``terms`` and ``up_slices``),
+    from ``g_mean = dL/dmean_bar`` and ``g_var = dL/dvar_bar`` (all None
+    without the window rule)."""
+    if terms is None or g_mean is None:
+        return (None, ) * (4 + len(ctx.up_slices))
+    channels = g_mean.shape[0]
     w_info, b_dtype = ctx.prod_shapes
     grad_pw = grad_pb = None
     if w_info is not None and ctx.needs_input_grad[8] and \
@@ -330,7 +332,7 @@ def _window_param_grads(ctx, weight: Optional[Tensor],
 def _local_cpu_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
                         mean: Tensor, invstd: Tensor, n_eff: Tensor,
                         needs: Tuple[bool, bool, bool],
-                        need_sums: bool = False) -> tuple:
+                        need_window: bool = False) -> tuple:
     """The backward of a local window normalization on CPU in two passes.
 
     With ``K = n_eff / n`` entries of ``n`` samples, the input gradient is
@@ -343,35 +345,37 @@ def _local_cpu_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
     sums themselves: ``S_gx invstd`` and ``S_g``.
 
     Returns:
-        tuple: ``(grad_x, grad_w, grad_b, S_g, S_gx)``; the sums are None
-        unless ``need_sums``.
+        tuple: ``((grad_x, grad_w, grad_b), g_mean, g_var)`` with the
+        gradients of the window statistics ``g_mean = -gamma invstd S_g``
+        and ``g_var = -gamma invstd^3 S_gx / 2`` (None unless
+        ``need_window``).
     """
     need_x, need_w, need_b = needs
     n = x.numel() // x.shape[1]
-    inv_k = n / n_eff
+    inv_k = torch.reciprocal(n_eff).mul_(n)
     gamma = invstd.new_ones(invstd.shape) if weight is None else \
         weight.to(invstd.dtype)
     has_w = weight is not None
     grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
         grad_y, x, gamma * inv_k, None, None, mean, invstd, True, 0.0, [
-            need_x, (need_w and has_w) or need_sums,
-            (need_b and has_w) or need_sums
+            need_x, (need_w and has_w) or need_window,
+            (need_b and has_w) or need_window
         ])
+    scale = gamma * invstd
     if need_x:
-        grad_x.addcmul_(grad_y,
-                        channel_view(gamma * invstd * (1 - inv_k), x))
+        grad_x.addcmul_(grad_y, channel_view(scale - scale * inv_k, x))
     else:
         grad_x = None
-    sum_dy = sum_dy_xmu = None
-    if need_sums:
-        sum_dy, sum_dy_xmu = grad_b.to(invstd.dtype), grad_w.to(
-            invstd.dtype) / invstd
+    g_mean = g_var = None
+    if need_window:  # (grad_w = S_gx invstd, grad_b = S_g)
+        g_mean = (scale * grad_b).neg_()
+        g_var = (scale * grad_w).mul_(invstd).mul_(-0.5)
     if has_w:
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(weight.dtype) if need_b else None
     else:
         grad_w = grad_b = None
-    return grad_x, grad_w, grad_b, sum_dy, sum_dy_xmu
+    return (grad_x, grad_w, grad_b), g_mean, g_var
 
 
 def _input_grad(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],

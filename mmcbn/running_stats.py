@@ -70,9 +70,12 @@ class RunningStatistics:
         running_mean, running_var = self.running_mean, self.running_var
         var = var * bessel if isinstance(bessel, Tensor) or bessel != 1 \
             else var
-        running_mean.lerp_(
-            torch.where(update, mean.to(running_mean.dtype), running_mean),
-            factor)
-        running_var.lerp_(
-            torch.where(update, var.to(running_var.dtype), running_var),
-            factor)
+        new_mean = torch.where(update, mean.to(running_mean.dtype),
+                               running_mean)
+        new_var = torch.where(update, var.to(running_var.dtype), running_var)
+        if isinstance(factor, Tensor):
+            running_mean.lerp_(new_mean, factor)
+            running_var.lerp_(new_var, factor)
+        else:  # both in one op
+            torch._foreach_lerp_([running_mean, running_var],
+                                 [new_mean, new_var], factor)

@@ -306,7 +306,7 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
     if not (need_weight or need_upstream):
         return WindowGradTerms(None, None, bu, bv)
     # the coefficients of the slots' pbar and Gc (0 for a slot not used)
-    slot_w = lag_weight @ match  # (S, )
+    slot_w = torch.mv(match.t(), lag_weight)  # (S, )
     slot_wd = match.t() @ wd
     slot_wpos = match.t() @ (lag_pos * lag_weight.unsqueeze(1))
     up_p = up_q = None
@@ -316,7 +316,8 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
         return WindowGradTerms(None, None, bu, bv, up_p, up_q)
     pbar = slots['pbar'].to(dtype)
     groups = pbar.shape[1]
-    u = (slot_w @ pbar.reshape(pbar.shape[0], -1)).reshape(groups, -1)
+    u = torch.mv(pbar.reshape(pbar.shape[0], -1).t(), slot_w).reshape(
+        groups, -1)
     v = _weighted_rows(slots['var_grad'], slot_wpos)
     if groups == 1:
         v = torch.addmm(v, slot_wd.t(), pbar[:, 0, :], alpha=2)
@@ -486,6 +487,8 @@ class WindowState:
         self._next = 0
         self._buffers: Dict[str, Tensor] = {}
         self._layouts: Dict[tuple, Layout] = {}
+        #: A 0-dim zero of the statistics (a ``where`` operand).
+        self._zero: Optional[Tensor] = None
 
     def __len__(self) -> int:
         """Slots holding an entry (finite or not)."""
@@ -542,12 +545,13 @@ class WindowState:
             buffers['count'] = record.a_mean.new_zeros(self.capacity)
             buffers['ok'] = torch.zeros(
                 self.capacity, dtype=torch.bool, device=record.a_mean.device)
+            self._zero = record.a_mean.new_zeros(())
         if iteration in self.iterations:  # the same iteration again
             slot = self.iterations.index(iteration)
         else:
             slot = self._next
             self._next = (slot + 1) % self.capacity
-        zero = record.a_mean.new_zeros(())
+        zero = self._zero
         for name, value in fields.items():
             target = buffers[name][slot]
             if target.dtype == value.dtype:
@@ -664,7 +668,7 @@ class WindowState:
         finite = finite_rows(packed)
         usable = buf['ok'] & finite
         dropped = (layout.in_window & (buf['ok'] > usable)).sum()
-        packed = torch.where(usable.unsqueeze(1), packed, 0.)
+        packed = torch.where(usable.unsqueeze(1), packed, self._zero)
         rows = layout.match @ packed
         c = mean.shape[1]
         return History(rows[:, 0], rows[:, 1:1 + c], rows[:, 1 + c:1 + 2 * c],
@@ -745,6 +749,8 @@ class WindowState:
         self.feed = state.get('feed')
         self._buffers = {k: v.to(device) for k, v in buffers.items()}
         self._layouts = {}
+        self._zero = None if 'a_mean' not in self._buffers else \
+            self._buffers['a_mean'].new_zeros(())
 
 
 def entry_shapes(state: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:

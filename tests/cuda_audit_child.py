@@ -107,15 +107,15 @@ MUTANTS = {
     'python_data_to_device':
     dict(
         base='cbn_w4',
-        edit=('functional', 'window_moments', 'k = keep.sum().to(mean.dtype)',
-              'k = keep.sum().to(mean.dtype) * torch.tensor(1.0).to('
+        edit=('functional', 'window_moments', 'k = keep.sum(dtype=mean.dtype)',
+              'k = keep.sum(dtype=mean.dtype) * torch.tensor(1.0).to('
               'mean.device)'),
         expect=('cpu_tensor', 'host_copy', 'sync')),  # (lift_fresh)
     'python_data_on_device':
     dict(
         base='cbn_w4',
-        edit=('functional', 'window_moments', 'k = keep.sum().to(mean.dtype)',
-              'k = keep.sum().to(mean.dtype) * torch.tensor(1.0, '
+        edit=('functional', 'window_moments', 'k = keep.sum(dtype=mean.dtype)',
+              'k = keep.sum(dtype=mean.dtype) * torch.tensor(1.0, '
               'device=mean.device)'),
         expect=('error', )),
     'bool':
@@ -127,14 +127,14 @@ MUTANTS = {
     'item':
     dict(
         base='sync_w4',
-        edit=('functional', 'window_moments', 'k = keep.sum().to(mean.dtype)',
-              'k = keep.sum().to(mean.dtype) + 0 * keep.sum().item()'),
+        edit=('functional', 'window_moments', 'k = keep.sum(dtype=mean.dtype)',
+              'k = keep.sum(dtype=mean.dtype) + 0 * keep.sum().item()'),
         expect=('sync', )),
     'cpu_copy':
     dict(
         base='cbn_w4',
-        edit=('functional', 'window_moments', 'k = keep.sum().to(mean.dtype)',
-              'k = keep.sum().to(mean.dtype); k.cpu()'),
+        edit=('functional', 'window_moments', 'k = keep.sum(dtype=mean.dtype)',
+              'k = keep.sum(dtype=mean.dtype); k.cpu()'),
         expect=('host_copy', )),
     'cpu_branch_statistics':
     dict(
