@@ -385,7 +385,9 @@ def main(argv=None):
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('--device cuda: CUDA is not available here')
     reps = args.reps or (5 if args.quick else 300)
-    warmup = 10  # > the largest window: windows full before counting
+    # windows full, and every layout of a full ring (one per slot) seen
+    # once, before counting: > 2 x the largest window
+    warmup = 20
     kernel_steps = 3
     load_before = load_average()
     raw = measure(VARIANTS, args.layers, device, reps, warmup, kernel_steps)

@@ -446,7 +446,7 @@ def window_norm(x: Tensor,
     with autocast_off:
         with torch.no_grad():
             m = x.numel() // x.shape[1] if x.shape[1] else 0
-            count = torch.cat([hist_count.new_full((1, ), m), hist_count])
+            count = torch.nn.functional.pad(hist_count, (1, 0), value=m)
             mean = torch.cat([cur_mean.unsqueeze(0), hist_mean])
             var = torch.cat([cur_var.unsqueeze(0), hist_var])
             count, mean, var = source.combine(count, mean, var)

@@ -47,6 +47,8 @@ from .upstream import (Upstream, feeding_affine, feeding_state,
 
 #: Per-slot bookkeeping tensors (not records).
 _META = ('count', 'ok')
+#: The per-channel statistics of a record, stored as one (4, C) block.
+_SMALL = ('raw_mean', 'raw_var', 'a_mean', 'a_var')
 #: Window layouts (device constants) kept per window: a ring of ``S`` slots
 #: in steady state cycles through ``S`` of them.
 _MAX_LAYOUTS = 64
@@ -120,14 +122,22 @@ def _group_dot(pbar: Tensor, weight: Tensor, add_to: Optional[Tensor] = None,
     return dot if add_to is None else add_to + alpha * dot
 
 
-def _row_dot(grad: Tensor, weight: Tensor) -> Tensor:
+def _row_dot(grad: Tensor, weight: Tensor, add_to: Optional[Tensor] = None,
+             alpha: float = 1) -> Tensor:
     """Per-output-channel ``G_j . W_j``; grad: (..., C_out, L).
 
     Memory-bound (every stored gradient is read once): done in cache-sized
     chunks of output channels, which is several times faster on CPU than a
-    batched matmul of (n x L)(L x 1) products or one big temporary.
+    batched matmul of (n x L)(L x 1) products or one big temporary. One
+    entry's (C_out, L) with ``add_to`` (C_out, ) is one batched product:
+    ``add_to + alpha G . W``.
     """
     w = weight.reshape(weight.shape[0], -1)
+    if add_to is not None:
+        if grad.dim() == 2 and grad.dtype == w.dtype == add_to.dtype:
+            return torch.baddbmm(add_to.view(-1, 1, 1), grad.unsqueeze(1),
+                                 w.unsqueeze(2), alpha=alpha).view(-1)
+        return add_to + alpha * _row_dot(grad, weight)
     lead = grad.numel() // w.numel()
     rows = max(1, _CHUNK_ELEMENTS // (lead * w.shape[1]))
     if rows >= w.shape[0]:
@@ -415,7 +425,8 @@ def make_record(binding: Binding,
         if compensate:
             record.a_mean = _group_dot(record.pbar, weight, add_to=mean,
                                        alpha=-1)
-            record.a_var = var - _row_dot(record.var_grad, weight)
+            record.a_var = _row_dot(record.var_grad, weight, add_to=var,
+                                    alpha=-1)
     if prod.bias is not None and compensate:
         record.a_mean = record.a_mean - prod.bias.to(dtype)
     return record
@@ -489,6 +500,8 @@ class WindowState:
         self._layouts: Dict[tuple, Layout] = {}
         #: A 0-dim zero of the statistics (a ``where`` operand).
         self._zero: Optional[Tensor] = None
+        #: (S, 4, C): the buffers named in ``_SMALL`` are its views.
+        self._small: Optional[Tensor] = None
 
     def __len__(self) -> int:
         """Slots holding an entry (finite or not)."""
@@ -516,9 +529,12 @@ class WindowState:
         """
         fields = {
             name: value
-            for name, value in vars(record).items() if value is not None
+            for name, value in vars(record).items()
+            if value is not None and name not in _SMALL
         }
-        ok = all_finite(record.a_mean, record.a_var)
+        # the four C-vectors in one (4, C) block: checked and stored at once
+        small = torch.stack([getattr(record, name) for name in _SMALL])
+        ok = finite_rows(small.view(1, -1))[0]
         if self.capacity == 0:
             return ok
         buffers = self._buffers
@@ -528,7 +544,11 @@ class WindowState:
             for name, value in fields.items()
         }
         if key != self.key or feed != self.feed or \
-                set(fields) | set(_META) != set(buffers) or \
+                set(fields) | set(_META) | set(_SMALL) != set(buffers) or \
+                self._small is None or \
+                self._small.shape[1:] != small.shape or \
+                self._small.device != small.device or \
+                self._small.dtype != small.dtype or \
                 any(buffers[n].shape[1:] != v.shape or
                     buffers[n].device != v.device or
                     buffers[n].dtype != dtypes[n]
@@ -542,6 +562,9 @@ class WindowState:
                                       dtype=dtypes[name])
                 for name, value in fields.items()
             }
+            self._small = small.new_zeros((self.capacity, ) + small.shape)
+            for index, name in enumerate(_SMALL):
+                buffers[name] = self._small[:, index]
             buffers['count'] = record.a_mean.new_zeros(self.capacity)
             buffers['ok'] = torch.zeros(
                 self.capacity, dtype=torch.bool, device=record.a_mean.device)
@@ -552,6 +575,7 @@ class WindowState:
             slot = self._next
             self._next = (slot + 1) % self.capacity
         zero = self._zero
+        torch.where(ok, small, zero, out=self._small[slot])
         for name, value in fields.items():
             target = buffers[name][slot]
             if target.dtype == value.dtype:
@@ -749,8 +773,25 @@ class WindowState:
         self.feed = state.get('feed')
         self._buffers = {k: v.to(device) for k, v in buffers.items()}
         self._layouts = {}
+        self._link_small()
+
+    def _link_small(self) -> None:
+        """Make the per-channel statistics views of one block again (after
+        loading or copying, which store them apart)."""
+        self._small = None
         self._zero = None if 'a_mean' not in self._buffers else \
             self._buffers['a_mean'].new_zeros(())
+        if all(name in self._buffers for name in _SMALL):
+            self._small = torch.stack(
+                [self._buffers[name] for name in _SMALL], 1)
+            for index, name in enumerate(_SMALL):
+                self._buffers[name] = self._small[:, index]
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # (a pickled copy holds the views as separate tensors)
+        self.__dict__.update(state)
+        self._buffers = dict(self._buffers)
+        self._link_small()
 
 
 def entry_shapes(state: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
