@@ -17,7 +17,7 @@ are (method document, Appendix B)::
     d mean_j / d b_j = 1,   d nu_j / d b_j = 2 mean_j
 """
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,41 @@ class Producer:
                                  (self.groups, per_group) + tuple(kernel),
                                  self)
         return pbar.reshape(self.groups, -1)
+
+    def mean_and_moment_grads(self, x: Tensor, mean: Tensor
+                              ) -> Optional[Tuple[Tensor, Tensor]]:
+        """:meth:`patch_mean` and :meth:`moment_weight_grad` (exact) of a
+        convolution with one group, from one weight-gradient call: the
+        output gradient holds ``x - mean`` in its first ``C`` channels and
+        a constant in one more, whose row of the product is the patch sum.
+        None where the separate calls are as cheap (not a convolution, or
+        a 1x1 one without padding, whose patch mean needs no product).
+
+        Args:
+            x (Tensor): The producer's output (the CBN input).
+            mean (Tensor): Its per-channel mean.
+
+        Returns:
+            tuple[Tensor]: ``pbar`` (1, L) and ``Gc`` (C, L).
+        """
+        if self.kind != 'conv' or self.groups != 1:
+            return None
+        saved = self.node._saved_weight
+        kernel = saved.shape[2:]
+        if all(k == 1 for k in kernel) and not any(self.padding):
+            return None
+        inp = self._input(x.dtype)
+        channels = x.shape[1]
+        m = x.numel() // channels
+        grad_out = x.new_empty((x.shape[0], channels + 1) + x.shape[2:])
+        torch.sub(x, mean.view((1, -1) + (1, ) * (x.dim() - 2)),
+                  out=grad_out[:, :channels])
+        # (1/2 here and 2/m below: the patch mean, exactly)
+        grad_out[:, channels].fill_(0.5)
+        shape = (channels + 1, ) + tuple(saved.shape[1:])
+        grad = _conv_weight_grad(grad_out, inp, shape, self)
+        grad = grad.reshape(channels + 1, -1).mul_(2.0 / max(m, 1))
+        return grad[channels:], grad[:channels]
 
     def moment_weight_grad(self, x: Tensor, stride: int = 1,
                            phase: Tuple[int, ...] = (),
@@ -215,6 +250,22 @@ class _ConvArgs:
     dilation: Tuple[int, ...]
 
 
+#: One-element tensors expanded to a weight's shape, by (shape, dtype,
+#: device): the weight argument of a weight-gradient call is read for its
+#: shape only.
+_STAND_INS: Dict[tuple, Tensor] = {}
+
+
+def _stand_in(shape: Tuple[int, ...], like: Tensor) -> Tensor:
+    key = (shape, like.dtype, like.device)
+    dummy = _STAND_INS.get(key)
+    if dummy is None:
+        if len(_STAND_INS) >= 256:
+            _STAND_INS.clear()
+        dummy = _STAND_INS[key] = like.new_zeros(1).expand(shape)
+    return dummy
+
+
 def _conv_weight_grad(grad_out: Tensor, inp: Tensor, weight_shape,
                       prod: Producer, like: Optional[Tensor] = None) -> Tensor:
     """The weight gradient of a convolution (only the weight's shape is
@@ -224,7 +275,7 @@ def _conv_weight_grad(grad_out: Tensor, inp: Tensor, weight_shape,
             like.dtype == grad_out.dtype and like.device == grad_out.device:
         dummy = like.detach()
     else:
-        dummy = grad_out.new_empty(1).expand(tuple(weight_shape))
+        dummy = _stand_in(tuple(weight_shape), grad_out)
     nd = inp.dim() - 2
     return torch.ops.aten.convolution_backward(
         grad_out, inp, dummy, None, list(prod.stride), list(prod.padding),

@@ -402,10 +402,15 @@ def make_record(binding: Binding,
         return Record(raw_mean=mean, raw_var=var, a_mean=mean, a_var=var)
     dtype = mean.dtype
     record = Record(raw_mean=mean, raw_var=var, a_mean=mean, a_var=var)
-    centered = x - mean.view((1, -1) + (1, ) * (x.dim() - 2))
     feeding = binding.feeding
+    upstream = compensate and feeding is not None and feeding.paths
+    fused = None
+    if prod.weight is not None and moment_stride == 1 and not upstream:
+        fused = prod.mean_and_moment_grads(x, mean)
+    centered = None if fused is not None else \
+        x - mean.view((1, -1) + (1, ) * (x.dim() - 2))
     own = None
-    if compensate and feeding is not None and feeding.paths:
+    if upstream:
         # the upstream derivatives; where the producer's input is made of
         # the feeding norms' outputs alone, they also give its own d nu/dW
         u = normalized_inputs(feeding, dtype)
@@ -419,9 +424,12 @@ def make_record(binding: Binding,
         record.up_state = feeding_state(feeding, mean)
     if prod.weight is not None:
         weight = prod.weight.to(dtype)
-        record.pbar = prod.patch_mean(x)
-        record.var_grad = own if own is not None else \
-            prod.moment_weight_grad(centered, moment_stride, phase)
+        if fused is not None:
+            record.pbar, record.var_grad = fused
+        else:
+            record.pbar = prod.patch_mean(x)
+            record.var_grad = own if own is not None else \
+                prod.moment_weight_grad(centered, moment_stride, phase)
         if compensate:
             record.a_mean = _group_dot(record.pbar, weight, add_to=mean,
                                        alpha=-1)
