@@ -664,10 +664,12 @@ class WindowState:
             History | None: One row per lag, or None if no slot belongs to
             the window (known on the host).
         """
-        if not self.has_entries(iteration, lags, key, feed):
+        if (feed is not ... and feed != self.feed) or key != self.key:
+            return None
+        layout = self.layout(iteration, lags, cycle)
+        if layout is None:  # no slot of the window holds an entry
             return None
         buf = self._buffers
-        layout = self.layout(iteration, lags, cycle)
         mean, var = buf['a_mean'], buf['a_var']
         raw_mean = buf['raw_mean']
         moved = False
@@ -708,39 +710,49 @@ class WindowState:
                        dropped, layout.match, slots)
 
     def layout(self, iteration: int, lags: int,
-               cycle: Optional[int] = None) -> Layout:
+               cycle: Optional[int] = None) -> Optional[Layout]:
         """The device constants that match the slots to lags ``1 ..
         lags`` at ``iteration`` (and mark those of accumulation cycle
         ``cycle``): built from the host's iteration numbers once per
-        distinct layout, then reused."""
-        count = self._buffers['count']
+        distinct layout, then reused (until the buffers are reallocated).
+        None if no slot holds a lag of the window."""
         lag_of = tuple(
-            iteration - it if it is not None and 1 <= iteration - it <= lags
+            iteration - it if it is not None and 0 < iteration - it <= lags
             else 0 for it in self.iterations)
-        exact = tuple(
-            bool(lag) and cycle is not None and cy == cycle
-            for lag, cy in zip(lag_of, self.cycles))
-        key = (lags, lag_of, exact, count.device, count.dtype)
+        if not any(lag_of):
+            return None
+        exact = None
+        if cycle is not None and cycle in self.cycles:
+            exact = tuple(
+                bool(lag) and cy == cycle
+                for lag, cy in zip(lag_of, self.cycles))
+        key = (lags, lag_of, exact)
         layout = self._layouts.get(key)
         if layout is None:
             if len(self._layouts) >= _MAX_LAYOUTS:
                 self._layouts.clear()
-            # filled element by element from host ints: no copy from the host
-            match = count.new_zeros((lags, self.capacity))
-            in_window = torch.zeros(
-                self.capacity, dtype=torch.bool, device=count.device)
-            mark = None
-            if any(exact):
-                mark = torch.zeros((self.capacity, 1), dtype=torch.bool,
-                                   device=count.device)
-            for slot, lag in enumerate(lag_of):
-                if lag:
-                    match[lag - 1, slot].fill_(1)
-                    in_window[slot].fill_(True)
-                if exact[slot]:
-                    mark[slot].fill_(True)
-            layout = self._layouts[key] = Layout(match, in_window, mark)
+            layout = self._layouts[key] = self._build_layout(
+                lags, lag_of, exact)
         return layout
+
+    def _build_layout(self, lags: int, lag_of: Tuple[int, ...],
+                      exact: Optional[Tuple[bool, ...]]) -> Layout:
+        # filled element by element from host ints: no copy from the host
+        count = self._buffers['count']
+        match = count.new_zeros((lags, self.capacity))
+        in_window = torch.zeros(
+            self.capacity, dtype=torch.bool, device=count.device)
+        mark = None
+        if exact is not None and any(exact):
+            mark = torch.zeros((self.capacity, 1), dtype=torch.bool,
+                               device=count.device)
+        for slot, lag in enumerate(lag_of):
+            if lag:
+                match[lag - 1, slot].fill_(1)
+                in_window[slot].fill_(True)
+            if mark is not None and exact[slot]:
+                mark[slot].fill_(True)
+        return Layout(match, in_window, mark)
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
