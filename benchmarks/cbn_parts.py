@@ -263,12 +263,13 @@ class PartProbe:
                  cycle=None if cycle is None else cycle + 1))
 
     def _keep_wgrad(self, slots, match, lag_weight, lag_mean, lag_pos,
-                    mean_bar, need_weight, need_upstream=False):
+                    lag_raw_mean, mean_bar, need_weight, need_upstream=False,
+                    **kwargs):
         # the ring's buffers are written over by the step's push: copy
         self.wgrads.append(
             dict(slots={k: v.clone() for k, v in slots.items()},
-                 args=(match, lag_weight, lag_mean, lag_pos, mean_bar,
-                       need_weight, need_upstream)))
+                 args=(match, lag_weight, lag_mean, lag_pos, lag_raw_mean,
+                       mean_bar, need_weight, need_upstream)))
 
     # -------------------------------------------------------------- totals
     def step_parts(self):

@@ -355,7 +355,8 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
                   need_upstream):
             return window_grad_terms(slots, match, lag_weight, lag_mean,
                                      lag_pos, raw_mean, mean_bar,
-                                     need_weight, need_upstream)
+                                     need_weight, need_upstream,
+                                     need_bias=bias is not None)
 
         return WindowGrad(weight, bias, terms, upstream)
 

@@ -311,7 +311,8 @@ def _window_param_grads(ctx, g_mean: Optional[Tensor],
         grad.view(groups, channels // groups, -1).addcmul_(
             terms.U.unsqueeze(1), g_mean.view(groups, -1, 1))
         grad_pw = grad.reshape(w_info[0]).to(w_info[1])
-    if b_dtype is not None and ctx.needs_input_grad[9]:
+    if b_dtype is not None and ctx.needs_input_grad[9] and \
+            terms.bu is not None:
         grad_pb = (g_mean * terms.bu + g_var * terms.bv).to(b_dtype)
     up_grads = ()
     if ctx.up_slices:
@@ -352,18 +353,18 @@ def _local_cpu_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
     """
     need_x, need_w, need_b = needs
     n = x.numel() // x.shape[1]
-    inv_k = torch.reciprocal(n_eff).mul_(n)
     gamma = invstd.new_ones(invstd.shape) if weight is None else \
         weight.to(invstd.dtype)
+    gamma_k = torch.div(gamma, n_eff).mul_(n)  # gamma / K
     has_w = weight is not None
     grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-        grad_y, x, gamma * inv_k, None, None, mean, invstd, True, 0.0, [
+        grad_y, x, gamma_k, None, None, mean, invstd, True, 0.0, [
             need_x, (need_w and has_w) or need_window,
             (need_b and has_w) or need_window
         ])
     scale = gamma * invstd
     if need_x:
-        grad_x.addcmul_(grad_y, channel_view(scale - scale * inv_k, x))
+        grad_x.addcmul_(grad_y, channel_view(scale - gamma_k * invstd, x))
     else:
         grad_x = None
     g_mean = g_var = None

@@ -44,7 +44,9 @@ class RunningStatistics:
         """
         if not self.track_running_stats or self.running_mean is None:
             return
-        finite = all_finite(mean, var)
+        # (a finite variance implies a finite mean: a mean that is not
+        # makes every deviation from it, and so the variance, not finite)
+        finite = all_finite(var)
         if isinstance(count, Tensor):
             nonempty = count > 0
             bessel = torch.where(count > 1, count / (count - 1).clamp(min=1),

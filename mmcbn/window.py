@@ -255,8 +255,9 @@ class WindowGradTerms(NamedTuple):
 
     U: Optional[Tensor]
     V: Optional[Tensor]
-    bu: Tensor
-    bv: Tensor
+    #: None where the producer has no trainable bias.
+    bu: Optional[Tensor]
+    bv: Optional[Tensor]
     #: Upstream compensation: ``dL/d[gamma_t; beta_t] = gM . up_p + gV .
     #: up_q`` over the output channels, both (C_out, 2, C_f).
     up_p: Optional[Tensor] = None
@@ -267,7 +268,8 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
                       lag_weight: Tensor, lag_mean: Tensor, lag_pos: Tensor,
                       lag_raw_mean: Tensor, mean_bar: Tensor,
                       need_weight: bool,
-                      need_upstream: bool = False) -> WindowGradTerms:
+                      need_upstream: bool = False,
+                      need_bias: bool = True) -> WindowGradTerms:
     """Collect the window gradient of one call (method note, "Gradients",
     window rule) over the ring's slots, before the current record is
     written over one of them.
@@ -305,12 +307,16 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
         need_weight (bool): Whether to build ``U`` and ``V``.
         need_upstream (bool): Whether to build the upstream terms (where
             the slots hold them).
+        need_bias (bool): Whether to build ``bu`` and ``bv`` (None
+            otherwise: the producer has no trainable bias).
     """
     dtype = lag_mean.dtype
     wd = (torch.where(lag_pos, lag_raw_mean, lag_mean) - mean_bar).mul_(
         lag_weight.unsqueeze(1))  # w_e d_e, (L, C)
-    bv = wd.sum(0).mul_(2)
-    bu = lag_weight.sum().expand(bv.shape)
+    bu = bv = None
+    if need_bias:
+        bv = wd.sum(0).mul_(2)
+        bu = lag_weight.sum().expand(bv.shape)
     need_upstream = need_upstream and 'up_dgamma' in slots
     need_weight = need_weight and 'pbar' in slots
     if not (need_weight or need_upstream):
