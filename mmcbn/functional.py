@@ -241,8 +241,9 @@ class _WindowNorm(torch.autograd.Function):
             grads, g_mean, g_var = _local_cpu_backward(
                 grad_y, x, weight, mean_bar, invstd, n_eff,
                 ctx.needs_input_grad[:3], terms is not None)
-            return grads + (None, ) * 5 + _window_param_grads(
-                ctx, g_mean, g_var, terms)
+            return grads + (None, ) * 5 + (
+                _no_param_grads(ctx) if terms is None else
+                _window_param_grads(ctx, g_mean, g_var, terms))
         sums = None
         if x.is_cuda:
             grad_y = grad_y.contiguous(
@@ -284,13 +285,19 @@ def _window_grads(ctx, terms, weight: Optional[Tensor], invstd: Tensor,
     g (x - mean_bar)]``: ``dL/dmean_bar = -gamma invstd sum g`` and
     ``dL/dvar_bar = -gamma invstd^3 sum g (x - mean_bar) / 2``."""
     if terms is None or sums is None:
-        return _window_param_grads(ctx, None, None, None)
+        return _no_param_grads(ctx)
     channels = invstd.shape[0]
     gamma = invstd if weight is None else weight.to(invstd.dtype) * invstd
     g_mean = -gamma * sums[:channels].to(invstd.dtype)
     g_var = -0.5 * gamma * invstd.square() * sums[channels:].to(
         invstd.dtype)
     return _window_param_grads(ctx, g_mean, g_var, terms)
+
+
+def _no_param_grads(ctx) -> tuple:
+    """No gradient for the producer's and feeding norms' parameters (the
+    authors' rule, or none needed)."""
+    return (None, ) * (4 + len(ctx.up_slices))
 
 
 def _window_param_grads(ctx, g_mean: Optional[Tensor],
@@ -300,7 +307,7 @@ def _window_param_grads(ctx, g_mean: Optional[Tensor],
     from ``g_mean = dL/dmean_bar`` and ``g_var = dL/dvar_bar`` (all None
     without the window rule)."""
     if terms is None or g_mean is None:
-        return (None, ) * (4 + len(ctx.up_slices))
+        return _no_param_grads(ctx)
     channels = g_mean.shape[0]
     w_info, b_dtype = ctx.prod_shapes
     grad_pw = grad_pb = None

@@ -579,10 +579,10 @@ class WindowState:
             self._small = small.new_zeros((self.capacity, ) + small.shape)
             for index, name in enumerate(_SMALL):
                 buffers[name] = self._small[:, index]
-            buffers['count'] = record.a_mean.new_zeros(self.capacity)
+            buffers['count'] = small.new_zeros(self.capacity)
             buffers['ok'] = torch.zeros(
                 self.capacity, dtype=torch.bool, device=record.a_mean.device)
-            self._zero = record.a_mean.new_zeros(())
+            self._zero = small.new_zeros(())
         if iteration in self.iterations:  # the same iteration again
             slot = self.iterations.index(iteration)
         else:

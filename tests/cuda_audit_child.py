@@ -150,7 +150,16 @@ MUTANTS = {
     dict(
         base='cbn_w4_amp_fp16',
         patch='autocast_leak',
-        expect=('half_stats', 'state')),
+        # (the window state itself stays float32 even then: a record's
+        # statistics are stacked with the batch's float32 ones)
+        expect=('half_stats', )),
+    'half_window_state':
+    dict(
+        base='cbn_w4',
+        edit=('window', 'make_record', '        weight = prod.weight.to(dtype)',
+              '        weight = prod.weight.to(dtype)\n'
+              '        record.up_state = mean.half()'),
+        expect=('state', )),
     'bool_in_backward':
     dict(
         base='cbn_w4',
