@@ -27,7 +27,8 @@ divided by the number of norm layers (a *layer-step*).
   memcpy, memset) per layer-step, from ``torch.profiler``; without CUDA the
   column says so.
 
-Variants: BN; CBN window 1; CBN window 4 in burn-in (recording only); CBN
+Variants: BN; CBN window 1; CBN window 4 early in burn-in (BatchNorm and
+the binding; only the last ``window - 1`` iterations of burn-in record); CBN
 windows 4 and 8 compensated (the default, ``window_grad=True``); CBN w4
 naive (``compensate=False``); CBN w4 with ``window_grad=False`` (the
 authors' backward); CBN w4 with the health monitor on

@@ -53,7 +53,8 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
             BatchNorm. Defaults to 8.
         burnin (int | float): Iterations (or epochs, see
             ``burnin_by_epoch``) at the start of training that use a window
-            of 1. Statistics are still recorded during burn-in. Defaults to 0.
+            of 1. The last ``window - 1`` iterations of burn-in are
+            recorded, so the window is full when it ends. Defaults to 0.
         burnin_by_epoch (bool): Whether ``burnin`` counts epochs. Converting
             needs the epoch length, which :class:`mmcbn.CBNHook` sets from
             the train dataloader (or call :func:`mmcbn.set_cbn_epoch_length`).
@@ -269,7 +270,7 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
                                              source, binding)
                 self._mark(y, x, position, stats.mean_bar, stats.var_bar,
                            stats)
-            if bound and m > 0:
+            if bound and m > 0 and self.records_at(iteration):
                 self._record(x, binding, position, iteration, mean_t, var_t)
             if self._monitor and self.capacity > 0:
                 observe(self, history, stats, mean_t, var_t, lags)

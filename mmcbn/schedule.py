@@ -41,6 +41,13 @@ class WindowSchedule:
         """The window used at ``iteration`` (1 during burn-in)."""
         return 1 if iteration < self.burnin_iters else self.window
 
+    def records_at(self, iteration: int) -> bool:
+        """Whether ``iteration`` is recorded: every iteration from
+        ``capacity`` before the end of burn-in on (earlier ones would be
+        written over before any window reads them)."""
+        return self.capacity > 0 and \
+            iteration >= self.burnin_iters - self.capacity
+
     def history_lags(self, iteration: int) -> int:
         """How many earlier iterations the window reaches back at
         ``iteration``: ``window - 1`` (0 in burn-in); with a window counted
