@@ -298,13 +298,22 @@ def test_complete_feeding_reuses_the_directions_for_d_nu_dw(monkeypatch):
     from mmcbn.binding import Producer
     direct = []
     original = Producer.moment_weight_grad
+    original_fused = Producer.mean_and_moment_grads
 
     def counted(self, x, stride=1, phase=(), inp=None):
         if inp is None:
             direct.append(x.shape[1])
         return original(self, x, stride, phase, inp)
 
+    def counted_fused(self, x, mean):
+        # (with the patch mean, in one call, where that saves one)
+        out = original_fused(self, x, mean)
+        if out is not None:
+            direct.append(x.shape[1])
+        return out
+
     monkeypatch.setattr(Producer, 'moment_weight_grad', counted)
+    monkeypatch.setattr(Producer, 'mean_and_moment_grads', counted_fused)
     ours, _ = _pair(3, 0, True)
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     _step(ours, x, 3)
