@@ -3,9 +3,10 @@
 
 Op counts are exact (no op of a training step depends on tensor values),
 so they are asserted exactly: two counts agree, BatchNorm's equals what
-``F.batch_norm`` dispatches, and a compensated CBN layer-step stays within
-the budget :data:`host_overhead.OPS_BUDGET` (the regression guard of issue
-18). The script's timings are smoke-tested only: they are finite numbers.
+``F.batch_norm`` dispatches, early burn-in equals window 1, and a
+compensated CBN layer-step stays within the budget
+:data:`host_overhead.OPS_BUDGET` (the regression guard of issue 18, the
+count measured when it was set). The script's timings are smoke-tested only: they are finite numbers.
 """
 import os.path as osp
 import sys
@@ -61,6 +62,10 @@ def test_host_overhead_quick(tmp_path):
     assert ops['CBN w4 monitor'] > ops['CBN w4']
     # the window's length is data, not code: w4 and w8 dispatch the same
     assert rows['CBN w8']['ops_by_name'] == rows['CBN w4']['ops_by_name']
+    # early in burn-in nothing is recorded (only the last window - 1
+    # iterations of burn-in are): the ops of window 1, exactly
+    assert rows['CBN w4 burn-in']['ops_by_name'] == \
+        rows['CBN w1']['ops_by_name']
     # two processes: the same CBN, and SyncCBN adds its all-reduces
     assert ops['CBN w4 (2 processes)'] == ops['CBN w4']
     assert rows['SyncCBN w4 (2 processes)']['ops_by_name'].get(
