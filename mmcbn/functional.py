@@ -487,10 +487,10 @@ def _window_grad_terms(window_grad: WindowGrad, source: StatsSource,
     share of each combined entry, which is 1 for a local source) and the
     closed-form terms."""
     if source.distributed:
-        total = count[1:]
-        share = torch.where(total > 0,
-                            local_count / total.clamp(min=1e-30), 0.)
-        lag_weight = keep[1:].to(mean.dtype) * share / k.clamp(min=1)
+        # (a sample count is 0 or >= 1; an entry nobody counts has weight
+        # 0 and local count 0)
+        lag_weight = (local_count / count[1:].clamp(min=1)).mul_(
+            weights[1:])
     else:
         lag_weight = weights[1:]
     need_weight = window_grad.weight is not None and \

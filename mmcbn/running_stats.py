@@ -49,9 +49,10 @@ class RunningStatistics:
         finite = all_finite(var)
         if isinstance(count, Tensor):
             nonempty = count > 0
-            bessel = torch.where(count > 1, count / (count - 1).clamp(min=1),
-                                 1.)
-            skipped = nonempty & ~finite
+            # (1 for a count of 1; 0 for an empty batch, which updates
+            # nothing)
+            bessel = count / (count - 1).clamp(min=1)
+            skipped = nonempty > finite  # nonempty and not finite
             update = nonempty & finite
             tracked = ~skipped
         else:  # a count the host knows: fewer ops

@@ -86,18 +86,22 @@ class AllReduceStats(StatsSource):
         kept = (count > 0).unsqueeze(1)
         shift = self.shift if self.shift is not None else mean.new_zeros(
             mean.shape[1])
-        shift = shift.to(mean.dtype)
-        delta = torch.where(kept, mean - shift, 0.)
-        second = torch.where(kept, var + delta.square(), 0.)
+        delta = mean - shift.to(mean.dtype)
         n = count.unsqueeze(1)
-        packed = torch.cat([n, n * delta, n * second], dim=1)
+        # (n delta, n (var + delta^2)) per entry; an entry this process does
+        # not count adds zeros, whatever it holds
+        moments = torch.cat([delta, torch.addcmul(var, delta, delta)], 1)
+        moments = torch.where(kept, moments.mul_(n), 0.)
+        packed = torch.cat([n, moments], dim=1)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
         channels = mean.shape[1]
         total = packed[:, 0]
-        safe = torch.where(total > 0, total, 1.).unsqueeze(1)
-        delta = packed[:, 1:1 + channels] / safe
-        second = packed[:, 1 + channels:] / safe
-        return total, shift + delta, second - delta.square()
+        # (sample counts are 0 or >= 1: an entry nobody counts divides 0
+        # by 1)
+        moments = packed[:, 1:] / total.clamp(min=1).unsqueeze(1)
+        delta, second = moments[:, :channels], moments[:, channels:]
+        return total, delta + shift.to(mean.dtype), torch.addcmul(
+            second, delta, delta, value=-1)
 
     def sum_grad(self, sums: Tensor) -> Tensor:
         sums = sums.contiguous()

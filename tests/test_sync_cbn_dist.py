@@ -36,7 +36,7 @@ from sync_counter import SyncCounter
 from tiny_cbn import TwoBlockNet
 
 #: The line of AllReduceStats.combine the mutation turns into a host branch.
-GUARD = 'torch.where(total > 0, total, 1.)'
+GUARD = 'total.clamp(min=1)'
 SYNC_STEPS = 8
 BURNIN = 2
 MONITORED = (1, 5)  # in and after burn-in
