@@ -138,7 +138,8 @@ class WindowStats(NamedTuple):
 
 
 def window_moments(count: Tensor, mean: Tensor, var: Tensor,
-                   with_weights: bool = False) -> tuple:
+                   with_weights: bool = False,
+                   first_counts: bool = False) -> tuple:
     """Average the entries with ``count > 0``, each weighted equally.
 
     Args:
@@ -149,6 +150,8 @@ def window_moments(count: Tensor, mean: Tensor, var: Tensor,
             the repair ``max(., 0)``; finite where count is 0.
         with_weights (bool): Also return the entries' weights ``[count >
             0] / K``.
+        first_counts (bool): The caller knows that entry 0 counts (``K >=
+            1``; a local batch).
 
     Returns:
         tuple[Tensor]: ``(mean_bar, var_bar, k, keep)`` with ``k`` (0-dim)
@@ -157,7 +160,7 @@ def window_moments(count: Tensor, mean: Tensor, var: Tensor,
     """
     keep = count > 0
     k = keep.sum(dtype=mean.dtype)
-    weights = keep / k.clamp(min=1)
+    weights = keep / (k if first_counts else k.clamp(min=1))
     # (an entry that does not count has weight 0 and finite values)
     mean_bar = torch.mv(mean.t(), weights)
     shift = mean - mean_bar
@@ -458,8 +461,10 @@ def window_norm(x: Tensor,
             mean = torch.cat([cur_mean.unsqueeze(0), hist_mean])
             var = torch.cat([cur_var.unsqueeze(0), hist_var])
             count, mean, var = source.combine(count, mean, var)
+            # (entry 0 counts where it is a non-empty local batch)
             mean_bar, var_bar, k, keep, weights = window_moments(
-                count, mean, var, with_weights=True)
+                count, mean, var, with_weights=True,
+                first_counts=m > 0 and not source.distributed)
             # the input gradient is BatchNorm's with K * n_0 samples
             n_eff = k * count[0]
             prod_weight = prod_bias = terms = None

@@ -321,10 +321,13 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
     need_weight = need_weight and 'pbar' in slots
     if not (need_weight or need_upstream):
         return WindowGradTerms(None, None, bu, bv)
-    # the coefficients of the slots' pbar and Gc (0 for a slot not used)
-    slot_w = torch.mv(match.t(), lag_weight)  # (S, )
-    slot_wd = match.t() @ wd
-    slot_wpos = match.t() @ (lag_pos * lag_weight.unsqueeze(1))
+    # the coefficients of the slots' pbar and Gc (0 for a slot not used),
+    # moved from the lags to the slots in one product
+    channels = wd.shape[1]
+    coef = match.t() @ torch.cat(
+        [lag_weight.unsqueeze(1), wd, lag_pos * lag_weight.unsqueeze(1)], 1)
+    slot_w, slot_wd = coef[:, 0], coef[:, 1:1 + channels]
+    slot_wpos = coef[:, 1 + channels:]
     up_p = up_q = None
     if need_upstream:
         up_p, up_q = _upstream_terms(slots, slot_w, slot_wd, slot_wpos)
