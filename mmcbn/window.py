@@ -29,11 +29,12 @@ so an entry stores ``Gc_s`` (one weight-sized tensor), ``pbar_s`` (one
 ``C_in * K`` vector shared by all output channels) and C-vectors, never a
 copy of the weight, and compensation is a batched row-wise dot product.
 
-Everything the training step needs stays on the device: which slot holds
-which iteration, its sample count and whether its record was finite are
-small tensors, so selecting the entries of a window is tensor arithmetic
-and never a host synchronization. The host keeps only the iteration
-numbers it assigned (it knows them anyway).
+Nothing in the training step reads a tensor on the host. Which slot holds
+which lag depends only on the iteration numbers the host assigned, so the
+host builds that matching (a :class:`Layout` of device constants) once per
+distinct layout and reuses it; each slot's sample count and whether its
+record was finite stay on the device, so dropping an entry that is not
+finite is tensor arithmetic too.
 """
 from dataclasses import dataclass
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
@@ -483,7 +484,7 @@ class WindowState:
     """Ring buffer of the records of the last ``capacity`` iterations.
 
     Entries are stacked so that compensating all of them is one batched
-    product. Each slot holds its iteration (on the host and on the device),
+    product. Each slot holds its iteration and accumulation cycle (host),
     its sample count and whether its record was finite (device), so an
     entry older than the window, from another producer, or not finite is
     never used.
