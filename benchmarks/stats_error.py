@@ -165,6 +165,9 @@ class Shadows:
             ]
             for name, opts in variants.items()
         }
+        for probe_layers in self.layers.values():
+            for layer in probe_layers:
+                layer.record_burnin = True  # probed during burn-in
         #: Record in this iteration (off where no probe will look).
         self.active = True
         self.handles = [
@@ -226,6 +229,9 @@ def run_trajectory(name, args, data, lr, probes, burnin_iter, n_iters):
     norm = make_norm_factory('cbn', window=WINDOW, burnin=10**9,
                              compensate=True)
     model = SmallResNet(norm, widths=args.widths, blocks=args.blocks)
+    for m in model.modules():
+        if hasattr(m, 'record_burnin'):
+            m.record_burnin = True  # its windows are probed in burn-in
     twin = SmallResNet(make_norm_factory('bn'), widths=args.widths,
                        blocks=args.blocks)
     pairs = conv_norm_pairs(model)

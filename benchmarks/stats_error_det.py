@@ -141,6 +141,7 @@ def run(args):
     for _, layer in named:
         layer.window, layer.burnin, layer.burnin_by_epoch = WINDOW, 10**9, \
             False
+        layer.record_burnin = True  # its window is probed in burn-in
         layer.reset_window()
     twin = copy.deepcopy(model)
     twin_named = list(cbn_layers(twin))

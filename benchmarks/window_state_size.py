@@ -101,6 +101,10 @@ def measure(rel: str) -> dict:
     model.train()
     layers = dict(mmcbn.cbn_layers(model))
     mmcbn.set_cbn_epoch_length(model, 7330)  # COCO at 8 GPUs x 2 images
+    for layer in layers.values():
+        # (the window's size when full: record from the first iteration,
+        # which burn-in otherwise does only in its last window - 1)
+        layer.record_burnin = True
     window = max(layer.window for layer in layers.values())
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1e-4))
     for step in range(window):

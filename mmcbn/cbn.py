@@ -144,6 +144,10 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
                 else 'batch'
         self.running_stats_from = running_stats_from
         self.iters_per_epoch: Optional[int] = None
+        #: Record every iteration of burn-in, not only its last ``window -
+        #: 1`` (for tools that read the window during burn-in, e.g.
+        #: benchmarks/stats_error.py; costs a record per iteration).
+        self.record_burnin = False
         #: Name in the model, for messages (set by CBNHook or the helpers).
         self.cbn_name: Optional[str] = None
         #: Micro-batches per optimizer step (gradient accumulation), and

@@ -12,8 +12,8 @@ class WindowSchedule:
     "Gradient accumulation").
 
     Attributes (set by the layer): ``window``, ``burnin``,
-    ``burnin_by_epoch``, ``iters_per_epoch``, ``cycle_length`` and
-    ``window_in_cycles``. A change of capacity calls
+    ``burnin_by_epoch``, ``iters_per_epoch``, ``cycle_length``,
+    ``window_in_cycles`` and ``record_burnin``. A change of capacity calls
     ``self._forget_windows()``.
     """
 
@@ -23,6 +23,7 @@ class WindowSchedule:
     iters_per_epoch: Optional[int]
     cycle_length: int
     window_in_cycles: bool
+    record_burnin: bool
 
     @property
     def burnin_iters(self) -> int:
@@ -44,9 +45,11 @@ class WindowSchedule:
     def records_at(self, iteration: int) -> bool:
         """Whether ``iteration`` is recorded: every iteration from
         ``capacity`` before the end of burn-in on (earlier ones would be
-        written over before any window reads them)."""
-        return self.capacity > 0 and \
-            iteration >= self.burnin_iters - self.capacity
+        written over before any window reads them), or every one with
+        ``record_burnin``."""
+        return self.capacity > 0 and (
+            self.record_burnin or
+            iteration >= self.burnin_iters - self.capacity)
 
     def history_lags(self, iteration: int) -> int:
         """How many earlier iterations the window reaches back at
