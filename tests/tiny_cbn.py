@@ -93,8 +93,13 @@ class RecordCBNIterations(Hook):
 
     def after_train(self, runner):
         if self.dump:
-            means = [layer._windows[0]._buffers['a_mean'].sum().item()
-                     for _, layer in cbn_layers(runner.model)]
+            # (None: nothing recorded yet; burn-in records only its last
+            # window - 1 iterations)
+            means = [
+                layer._windows[0]._buffers['a_mean'].sum().item()
+                if 'a_mean' in layer._windows[0]._buffers else None
+                for _, layer in cbn_layers(runner.model)
+            ]
             path = osp.join(runner.work_dir, f'cbn_iters_rank{get_rank()}'
                             '.json')
             with open(path, 'w') as f:
