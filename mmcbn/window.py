@@ -84,6 +84,9 @@ class Record:
 #: Elements per chunk of a row-wise product (the temporary stays in cache;
 #: measured best of 2^16..2^22 for ResNet-50's largest layers).
 _CHUNK_ELEMENTS = 1 << 20
+#: Largest (C_out x L) folded with one batched product (at ResNet-50's
+#: sizes the chunked product is faster: benchmarks/train_speed.py).
+_SMALL_PRODUCT = 1 << 16
 
 
 def record_phase(iteration: int, position: int, dim: int,
@@ -135,7 +138,10 @@ def _row_dot(grad: Tensor, weight: Tensor, add_to: Optional[Tensor] = None,
     """
     w = weight.reshape(weight.shape[0], -1)
     if add_to is not None:
-        if grad.dim() == 2 and grad.dtype == w.dtype == add_to.dtype:
+        # (small: one op; large: the chunked product below is faster than
+        # C_out tiny batched products)
+        if grad.dim() == 2 and grad.dtype == w.dtype == add_to.dtype and \
+                grad.numel() <= _SMALL_PRODUCT:
             return torch.baddbmm(add_to.view(-1, 1, 1), grad.unsqueeze(1),
                                  w.unsqueeze(2), alpha=alpha).view(-1)
         return add_to + alpha * _row_dot(grad, weight)
