@@ -642,9 +642,14 @@ class WindowState:
         out; host bookkeeping only)."""
         if feed is not ... and feed != self.feed:
             return False
-        return key == self.key and lags > 0 and any(
-            it is not None and 1 <= iteration - it <= lags
-            for it in self.iterations)
+        return key == self.key and any(self._lags_of(iteration, lags))
+
+    def _lags_of(self, iteration: int, lags: int) -> Tuple[int, ...]:
+        """Each slot's lag ``1 .. lags`` at ``iteration``, 0 where it holds
+        none of the window."""
+        return tuple(
+            iteration - it if it is not None and 0 < iteration - it <= lags
+            else 0 for it in self.iterations)
 
     def compensated(self,
                     iteration: int,
@@ -732,9 +737,7 @@ class WindowState:
         ``cycle``): built from the host's iteration numbers once per
         distinct layout, then reused (until the buffers are reallocated).
         None if no slot holds a lag of the window."""
-        lag_of = tuple(
-            iteration - it if it is not None and 0 < iteration - it <= lags
-            else 0 for it in self.iterations)
+        lag_of = self._lags_of(iteration, lags)
         if not any(lag_of):
             return None
         exact = None
