@@ -263,3 +263,57 @@ def test_a_window_of_the_earlier_format_loads_and_is_used_alike():
     theirs = fresh.compensated(6, 3, state.key, weight, bias, cycle=6)
     for a, b in zip(ours[:6], theirs[:6]):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------ burn-in records
+@pytest.mark.parametrize('case', [
+    dict(window=4, burnin=9),
+    dict(window=3, burnin=2, window_grad=False),
+    dict(window=4, burnin=7, cycle=(2, True)),  # window counted in cycles
+    dict(window=3, burnin=6, cycle=(3, False)),
+    dict(window=4, burnin=5, compensate='upstream'),
+])
+def test_recording_only_the_end_of_burn_in_changes_nothing(case):
+    """Burn-in records only its last ``capacity`` iterations: a run equals
+    the one that records every burn-in iteration (``record_burnin``),
+    through burn-in and after it, with gradient accumulation and with the
+    upstream compensation (in float64, to rounding: the same entries sit
+    in other slots of the ring, so sums over the slots run in another
+    order)."""
+    case = dict(case)
+    cycle = case.pop('cycle', None)
+    runs = []
+    for record_all in (False, True):
+        torch.manual_seed(4)
+        model = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), CBN2d(4, **case), nn.ReLU(),
+            nn.Conv2d(4, 5, 3, padding=1), CBN2d(5, **case)).double()
+        for m in model:
+            if isinstance(m, CBN2d):
+                m.record_burnin = record_all
+                if cycle is not None:
+                    m.set_accumulation(*cycle)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(5)
+        outs = []
+        recorded = []
+        for it in range(case['burnin'] + 3 * case['window']):
+            set_cbn_iteration(model, it)
+            y = model(torch.randn(2, 3, 5, 5, generator=gen,
+                                  dtype=torch.float64))
+            (y * torch.arange(y.numel()).view_as(y)).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            outs.append(y.detach())
+            recorded.append(len(model[1]._windows[0]))
+        runs.append((outs, [p.detach() for p in model.parameters()],
+                     recorded))
+    (outs, params, recorded), (outs_all, params_all, recorded_all) = runs
+    for a, b in zip(outs + params, outs_all + params_all):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the default run skipped records early in burn-in (where there are
+    # more burn-in iterations than the window holds)
+    capacity = len(model[1]._windows[0].iterations)
+    if case['burnin'] > capacity:
+        assert recorded[0] == 0 and recorded_all[0] == 1
+    assert recorded[-1] == recorded_all[-1] == capacity
