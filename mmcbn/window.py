@@ -662,8 +662,9 @@ class WindowState:
                     feed=...) -> Optional[History]:
         """The entries of lags ``1 .. lags`` at the current parameters.
 
-        All slots are compensated at once (no gather copies), then matched
-        to their lag on the device.
+        All slots are compensated at once (no gather copies), then checked,
+        masked and matched to their lags as one block, by the
+        :meth:`layout` the host's iteration numbers give.
 
         Args:
             iteration (int): The current iteration ``t``.
