@@ -176,10 +176,9 @@ class Producer:
         else:
             conv = self
         m = x.numel() // x.shape[1]
-        saved = self.node._saved_weight
-        shape = (saved.shape[0], inp.shape[1] // self.groups) + tuple(
-            saved.shape[2:])
-        grad = _conv_weight_grad(x, inp, shape, conv, like=saved)
+        shape = self.node._saved_weight.shape
+        shape = (shape[0], inp.shape[1] // self.groups) + tuple(shape[2:])
+        grad = _conv_weight_grad(x, inp, shape, conv)
         return grad.reshape(grad.shape[0], -1).mul_(2.0 / max(m, 1))
 
     def upstream_grads(self, u: Tensor, x: Tensor, centered: Tensor,
@@ -267,15 +266,10 @@ def _stand_in(shape: Tuple[int, ...], like: Tensor) -> Tensor:
 
 
 def _conv_weight_grad(grad_out: Tensor, inp: Tensor, weight_shape,
-                      prod: Producer, like: Optional[Tensor] = None) -> Tensor:
-    """The weight gradient of a convolution (only the weight's shape is
-    read: ``like``, a tensor of that shape, dtype and device, saves
-    allocating a stand-in)."""
-    if like is not None and tuple(like.shape) == tuple(weight_shape) and \
-            like.dtype == grad_out.dtype and like.device == grad_out.device:
-        dummy = like.detach()
-    else:
-        dummy = _stand_in(tuple(weight_shape), grad_out)
+                      prod: Producer) -> Tensor:
+    """The weight gradient of a convolution (its weight argument is a
+    cached stand-in: only its shape is read)."""
+    dummy = _stand_in(tuple(weight_shape), grad_out)
     nd = inp.dim() - 2
     return torch.ops.aten.convolution_backward(
         grad_out, inp, dummy, None, list(prod.stride), list(prod.padding),

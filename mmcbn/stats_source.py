@@ -84,9 +84,9 @@ class AllReduceStats(StatsSource):
     def combine(self, count: Tensor, mean: Tensor,
                 var: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         kept = (count > 0).unsqueeze(1)
-        shift = self.shift if self.shift is not None else mean.new_zeros(
-            mean.shape[1])
-        delta = mean - shift.to(mean.dtype)
+        shift = self.shift.to(mean.dtype) if self.shift is not None else \
+            mean.new_zeros(mean.shape[1])
+        delta = mean - shift
         n = count.unsqueeze(1)
         # (n delta, n (var + delta^2)) per entry; an entry this process does
         # not count adds zeros, whatever it holds
@@ -100,7 +100,7 @@ class AllReduceStats(StatsSource):
         # by 1)
         moments = packed[:, 1:] / total.clamp(min=1).unsqueeze(1)
         delta, second = moments[:, :channels], moments[:, channels:]
-        return total, delta + shift.to(mean.dtype), torch.addcmul(
+        return total, delta + shift, torch.addcmul(
             second, delta, delta, value=-1)
 
     def sum_grad(self, sums: Tensor) -> Tensor:

@@ -110,16 +110,13 @@ def _group_dot(pbar: Tensor, weight: Tensor, add_to: Optional[Tensor] = None,
     2-D.
     """
     groups = pbar.shape[-2]
-    if groups == 1 and pbar.dim() <= 3:
+    if groups == 1:
         w = weight.reshape(weight.shape[0], -1).t()
         p = pbar[..., 0, :]
-        if add_to is None:
-            return torch.matmul(p, w)
-        return torch.addmm(add_to, p.reshape(-1, p.shape[-1]), w,
-                           alpha=alpha).reshape(add_to.shape)
-    if groups == 1:
-        dot = torch.matmul(pbar[..., 0, :], weight.reshape(
-            weight.shape[0], -1).t())
+        if add_to is not None and p.dim() <= 2:
+            return torch.addmm(add_to, p.reshape(-1, p.shape[-1]), w,
+                               alpha=alpha).reshape(add_to.shape)
+        dot = torch.matmul(p, w)
     else:
         w = weight.reshape(groups, weight.shape[0] // groups, -1)
         dot = torch.einsum('...gl,gol->...go', pbar, w).flatten(-2)
@@ -558,7 +555,7 @@ class WindowState:
         }
         # the four C-vectors in one (4, C) block: checked and stored at once
         small = torch.stack([getattr(record, name) for name in _SMALL])
-        ok = finite_rows(small.view(1, -1))[0]
+        ok = all_finite(small)
         if self.capacity == 0:
             return ok
         buffers = self._buffers
