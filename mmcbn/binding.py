@@ -16,6 +16,7 @@ are (method document, Appendix B)::
     d nu_j   / d W_j = (2/m) sum_i x_ij p_i  (a conv weight gradient)
     d mean_j / d b_j = 1,   d nu_j / d b_j = 2 mean_j
 """
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -366,7 +367,8 @@ def _conv_binding(node) -> Binding:
     if node._saved_transposed:
         return Binding('unbound', reason='a transposed convolution')
     weight = _resolve_leaf(node.next_functions[1][0])
-    has_bias = node._saved_bias_sym_sizes_opt is not None
+    bias_sizes = node._saved_bias_sym_sizes_opt
+    has_bias = bias_sizes is not None
     bias = _resolve_leaf(node.next_functions[2][0]) if has_bias else None
     if bias is _NOT_A_LEAF:
         return Binding(
@@ -381,20 +383,19 @@ def _conv_binding(node) -> Binding:
         weight = live_weight.detach()
         weight_id = None
     saved_w = node._saved_weight
-    nd = saved_w.dim() - 2
-    c_out, c_in_g = saved_w.shape[:2]
+    shape = tuple(saved_w.shape)
+    # (each _saved_* read builds a new Python object: read them once)
+    stride, padding, dilation = tuple(node._saved_stride), tuple(
+        node._saved_padding), tuple(node._saved_dilation)
     groups = node._saved_groups
-    kernel = 'x'.join(str(s) for s in saved_w.shape[2:])
-    desc = (f'Conv{nd}d({c_in_g * groups}->{c_out}, k={kernel}, '
-            f's={tuple(node._saved_stride)}, d={tuple(node._saved_dilation)}'
-            f', g={groups}, bias={has_bias})')
-    key = ('conv', weight_id, tuple(saved_w.shape), _param_id(bias),
-           has_bias, tuple(node._saved_stride), tuple(node._saved_padding),
-           tuple(node._saved_dilation), groups, weight is not None,
-           bias is not None)
+    key = ('conv', weight_id, shape, _param_id(bias), has_bias, stride,
+           padding, dilation, groups, weight is not None, bias is not None)
     producer = Producer(
         kind='conv',
-        description=desc,
+        # (a bias-free 3d convolution on the CPU saves an empty bias: it
+        # has none; the key keeps what torch says, as saved windows do)
+        description=_conv_description(shape, stride, dilation, groups,
+                                      has_bias and bias_sizes[0] > 0),
         key=key,
         weight=None if weight is None else weight.detach(),
         bias=None if bias is None else bias.detach(),
@@ -403,10 +404,20 @@ def _conv_binding(node) -> Binding:
         live_weight=live_weight,
         live_bias=bias,
         groups=groups,
-        stride=tuple(node._saved_stride),
-        padding=tuple(node._saved_padding),
-        dilation=tuple(node._saved_dilation))
+        stride=stride,
+        padding=padding,
+        dilation=dilation)
     return Binding('bound' if producer.trainable else 'frozen', producer)
+
+
+@functools.lru_cache(maxsize=1024)
+def _conv_description(shape: tuple, stride: tuple, dilation: tuple,
+                      groups: int, has_bias: bool) -> str:
+    """How reports name a convolution (formatted once per layout)."""
+    c_out, c_in_g = shape[:2]
+    kernel = 'x'.join(str(s) for s in shape[2:])
+    return (f'Conv{len(shape) - 2}d({c_in_g * groups}->{c_out}, k={kernel}, '
+            f's={stride}, d={dilation}, g={groups}, bias={has_bias})')
 
 
 def _linear_binding(node) -> Binding:

@@ -198,6 +198,27 @@ def test_binding_report_names_the_producer():
     assert binding_report(model) == {'1': ['0']}
 
 
+@pytest.mark.parametrize('conv, shape, text', [
+    (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (2, 4, 5, 5),
+     'Conv2d(4->6, k=3x3, s=(2, 2), d=(1, 1), g=2, bias=True)'),
+    (nn.Conv3d(2, 3, (1, 3, 3), bias=False), (1, 2, 3, 5, 5),
+     'Conv3d(2->3, k=1x3x3, s=(1, 1, 1), d=(1, 1, 1), g=1, bias=False)'),
+    (nn.Conv1d(2, 3, 5, dilation=2, bias=False), (2, 2, 12),
+     'Conv1d(2->3, k=5, s=(1,), d=(2,), g=1, bias=False)'),
+])
+def test_binding_describes_the_convolution(conv, shape, text):
+    """Reports name the producer by its arguments; a bias-free 3d
+    convolution (which saves an empty bias on the CPU) has no bias."""
+    x = conv(torch.randn(shape))
+    assert find_producer(x).producer.description == text
+    # formatted once per layout, the same for a second layer like it
+    twin = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size,
+                      conv.stride, conv.padding, conv.dilation, conv.groups,
+                      conv.bias is not None)
+    assert find_producer(twin(torch.randn(shape))).producer.description \
+        == text
+
+
 def test_shared_layer_keeps_one_window_per_call_position():
     """A head shared over levels == one CBN per level (tied γ/β)."""
     torch.manual_seed(0)
