@@ -107,15 +107,33 @@ def register_authors():
         MODELS.register_module('AuthorsCBN', module=AuthorsCBN2d)
 
 
+def backbone_source() -> str:
+    """``'mmdet'`` where mmdet's ResNet imports, else ``'plain'``."""
+    try:
+        from mmdet.models.backbones import ResNet  # noqa: F401
+    except ImportError:
+        return 'plain'
+    return 'mmdet'
+
+
 class Classifier(nn.Module):
-    """A ResNet (mmdet's) with every norm chosen, plus a linear head."""
+    """A ResNet (mmdet's) with every norm chosen, plus a linear head.
+
+    Where mmdet cannot be imported (a GPU machine with no mmcv build for
+    its CUDA) the backbone is :class:`plain_resnet.PlainResNet`, the same
+    architecture written out; :func:`backbone_source` says which.
+    """
 
     def __init__(self, depth, norm_cfg, num_classes=10):
         super().__init__()
-        from mmdet.models.backbones import ResNet
-        self.backbone = ResNet(
-            depth, norm_cfg=norm_cfg, norm_eval=False, frozen_stages=-1,
-            out_indices=(3, ))
+        if backbone_source() == 'mmdet':
+            from mmdet.models.backbones import ResNet
+            self.backbone = ResNet(
+                depth, norm_cfg=norm_cfg, norm_eval=False, frozen_stages=-1,
+                out_indices=(3, ))
+        else:
+            from plain_resnet import PlainResNet
+            self.backbone = PlainResNet(depth, norm_cfg)
         channels = 512 if depth < 50 else 2048
         self.head = nn.Linear(channels, num_classes)
 
@@ -536,7 +554,8 @@ def main():
     warmups = {name: (2 if args.quick else 2 + NORMS[name].get('window', 1))
                for name in variants}
     times = run_paired(steps, 'BN', warmups, reps, clock)
-    model_name = f'ResNet-{args.depth}'
+    model_name = f'ResNet-{args.depth}' + (
+        '' if backbone_source() == 'mmdet' else ' (plain_resnet.py)')
     rows, part_rows, convs = [], [], None
     for name in variants:
         step_s, ratio, extra = times[name]
@@ -567,6 +586,9 @@ def main():
     del convs
 
     det_rows = []
+    if not args.no_detector and backbone_source() != 'mmdet':
+        print('Faster R-CNN: skipped (mmdet cannot be imported here)')
+        args.no_detector = True
     if not args.no_detector:
         det_steps, det_models = {}, {}
         for name in DETECTOR:

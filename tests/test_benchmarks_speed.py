@@ -154,3 +154,41 @@ def test_norm_speed_quick(tmp_path):
 def test_speed_benchmarks_on_cuda(tmp_path, script):
     result, _ = run_quick(script, tmp_path, '--device', 'cuda', png=False)
     assert result['device'].startswith('cuda')
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_plain_resnet_has_mmdets_layers(depth, monkeypatch):
+    """Where mmdet cannot be imported (a GPU machine with no mmcv build),
+    train_speed.py times benchmarks/plain_resnet.py instead: it must be
+    mmdet's ResNet layer for layer (parameter shapes in order, conv
+    strides, the output), with the norm the config names."""
+    import os.path as osp
+    import sys
+
+    from mmdet.models.backbones import ResNet
+
+    from mmcbn import CBN2d
+    sys.path.insert(0, osp.join(osp.dirname(osp.dirname(__file__)),
+                                'benchmarks'))
+    import train_speed
+    from plain_resnet import PlainResNet
+    monkeypatch.setattr(train_speed, 'backbone_source', lambda: 'plain')
+    cfg = dict(type='CBN', window=4)
+    plain = train_speed.Classifier(depth, cfg).backbone
+    assert isinstance(plain, PlainResNet)
+    ref = ResNet(depth, norm_cfg=cfg, out_indices=(3, ))
+
+    def layout(model):
+        convs = [(m.stride, m.padding) for m in model.modules()
+                 if isinstance(m, torch.nn.Conv2d)]
+        return [tuple(p.shape) for p in model.parameters()], convs, sum(
+            isinstance(m, CBN2d) for m in model.modules())
+
+    assert layout(plain) == layout(ref)
+    x = torch.randn(2, 3, 32, 32)
+    assert plain(x)[0].shape == ref(x)[0].shape
+    gn = PlainResNet(depth, dict(type='GN', num_groups=32))
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in gn.modules()) == \
+        layout(ref)[2]
+    with pytest.raises(ValueError, match='got 34'):
+        PlainResNet(34, cfg)
