@@ -166,3 +166,24 @@ def test_dist_train_synccbn_demo_config_on_two_cpu_processes(tmp_path):
     # the SyncCBN layers really ran distributed with windows
     assert 'not in a distributed run' not in output
     assert 'CBNHook: ' in output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason='checks what the script does without CUDA')
+def test_gpu_check_refuses_a_python_without_cuda(tmp_path):
+    """tools/gpu_check.sh run is for a GPU loan: without CUDA it stops
+    before any step (exit 2, saying why), after writing what machine it
+    found; an unknown mode is a usage error."""
+    script = osp.join(ROOT, 'tools', 'gpu_check.sh')
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path))
+    proc = subprocess.run(['bash', script, 'run'], env=env, text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert 'CUDA is not available to this Python' in proc.stderr
+    assert '== tests' not in proc.stdout
+    machine = (tmp_path / 'machine.txt').read_text()
+    assert f'torch {torch.__version__}' in machine
+    assert 'available False' in machine
+    proc = subprocess.run(['bash', script, 'check'], env=env, text=True,
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 2 and 'usage:' in proc.stderr
