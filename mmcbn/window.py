@@ -46,8 +46,9 @@ from .binding import Binding
 from .upstream import (Upstream, feeding_affine, feeding_state,
                        normalized_inputs, upstream_shift)
 
-#: Per-slot bookkeeping tensors (not records).
-_META = ('count', 'ok')
+#: Per-slot bookkeeping tensors (not records): the samples of the entry,
+#: 0 for a record that was not finite (stored as zeros, unusable).
+_META = ('count', )
 #: The per-channel statistics of a record, stored as one (4, C) block.
 _SMALL = ('raw_mean', 'raw_var', 'a_mean', 'a_var')
 #: Window layouts (device constants) kept per window: a ring of ``S`` slots
@@ -587,8 +588,6 @@ class WindowState:
             for index, name in enumerate(_SMALL):
                 buffers[name] = self._small[:, index]
             buffers['count'] = small.new_zeros(self.capacity)
-            buffers['ok'] = torch.zeros(
-                self.capacity, dtype=torch.bool, device=record.a_mean.device)
             self._zero = small.new_zeros(())
         if iteration in self.iterations:  # the same iteration again
             slot = self.iterations.index(iteration)
@@ -603,8 +602,9 @@ class WindowState:
                 torch.where(ok, value, zero, out=target)
             else:  # converted while copied; zeroed if not finite
                 target.copy_(value).masked_fill_(~ok, 0)
-        buffers['ok'][slot].copy_(ok)
-        buffers['count'][slot].fill_(count)
+        # the entry's samples; 0 for a record that was not finite: unusable,
+        # every window leaves it out
+        torch.mul(ok, count, out=buffers['count'][slot])
         self.iterations[slot] = iteration
         self.cycles[slot] = iteration if cycle is None else cycle
         return ok
@@ -718,10 +718,11 @@ class WindowState:
         # at once
         packed = torch.cat([buf['count'].unsqueeze(1).to(mean.dtype), mean,
                             var, raw_mean, buf['raw_var']], 1)
+        # (an unusable record is zeros and a count of 0: dropped here are
+        # the entries that compensation made non-finite)
         finite = finite_rows(packed)
-        usable = buf['ok'] & finite
-        dropped = (layout.in_window & (buf['ok'] > usable)).sum()
-        packed = torch.where(usable.unsqueeze(1), packed, self._zero)
+        dropped = (layout.in_window > finite).sum()
+        packed = torch.where(finite.unsqueeze(1), packed, self._zero)
         rows = layout.match @ packed
         c = mean.shape[1]
         return History(rows[:, 0], rows[:, 1:1 + c], rows[:, 1 + c:1 + 2 * c],
@@ -796,6 +797,10 @@ class WindowState:
         # cycles on the device too; the host's lists are all that is used)
         saved_cycles = buffers.pop('cycle', None)
         buffers.pop('iteration', None)
+        # (and a usable flag per slot, now a count of 0)
+        saved_ok = buffers.pop('ok', None)
+        if saved_ok is not None:
+            buffers['count'] = buffers['count'] * saved_ok
         if 'cycles' in state:
             self.cycles = list(state['cycles'])
         elif saved_cycles is not None:

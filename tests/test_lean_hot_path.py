@@ -243,7 +243,8 @@ def test_copies_keep_the_block_linked(copier):
 
 def test_a_window_of_the_earlier_format_loads_and_is_used_alike():
     """Windows saved before the layouts moved to the host held the slots'
-    iterations and cycles as device buffers too (and no ``cycles``)."""
+    iterations and cycles as device buffers too (and no ``cycles``), and
+    a usable flag per slot where a count of 0 says it now."""
     model = _trained()
     state = model[1]._windows[0]
     saved = state.state_dict()
@@ -252,6 +253,7 @@ def test_a_window_of_the_earlier_format_loads_and_is_used_alike():
     old['buffers']['iteration'] = torch.tensor(
         [-(1 << 62) if it is None else it for it in saved['iterations']])
     old['buffers']['cycle'] = old['buffers']['iteration'].clone()
+    old['buffers']['ok'] = torch.ones(state.capacity, dtype=torch.bool)
     fresh = WindowState(state.capacity)
     fresh.load_state_dict(old, torch.device('cpu'))
     assert fresh.cycles == state.cycles
@@ -263,6 +265,15 @@ def test_a_window_of_the_earlier_format_loads_and_is_used_alike():
     theirs = fresh.compensated(6, 3, state.key, weight, bias, cycle=6)
     for a, b in zip(ours[:6], theirs[:6]):
         assert torch.equal(a, b)
+    # an entry the old format flagged unusable is left out as one of 0
+    # samples (the old push stored its statistics as zeros)
+    slot = state.iterations.index(4)
+    old['buffers']['ok'][slot] = False
+    fresh.load_state_dict(old, torch.device('cpu'))
+    count = saved['buffers']['count'].clone()
+    count[slot] = 0
+    assert torch.equal(fresh._buffers['count'], count)
+    assert count.count_nonzero() == state.capacity - 1
 
 
 # ------------------------------------------------------ burn-in records

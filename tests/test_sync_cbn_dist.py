@@ -204,7 +204,7 @@ def nonfinite_on_rank0(rank, world):
             out['flags'] = read_cbn_flags(model, warn=False)
             window = model.n1._windows[0]
             slot = window.iterations.index(BAD_STEP)
-            out['bad_entry_kept'] = bool(window._buffers['ok'][slot])
+            out['bad_entry_kept'] = bool(window._buffers['count'][slot] > 0)
     return out
 
 
