@@ -165,8 +165,10 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
         #: Backward passes seen through this layer's producers (counted
         #: only while no iteration is given, for the shared-call check).
         self._backwards = 0
-        #: Device-side event counters and health accumulators (health.py).
+        #: Device-side event counters and health accumulators (health.py);
+        #: ``_flag_base`` is the host's part of the counters (see _flag).
         self._flags: Optional[Tensor] = None
+        self._flag_base: List[int] = [0] * NUM_FLAGS
         self._health: Optional[Tensor] = None
         #: Compute health metrics in training forwards (set by CBNHook).
         self._monitor = False
@@ -380,14 +382,23 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
                                           x.numel() // x.shape[1],
                                           iteration // self.cycle_length,
                                           binding.feed_token)
-        self._flag(NOT_STORED, ~ok)
+        self._flag(NOT_STORED, ok, complement=True)
 
-    def _flag(self, index: int, value: Tensor) -> None:
-        """Count an event on the device (read by :func:`read_cbn_flags`)."""
+    def _flag(self, index: int, value: Tensor,
+              complement: bool = False) -> None:
+        """Count ``value`` events on the device (read by
+        :func:`read_cbn_flags`). ``complement``: count one event where the
+        0-dim bool ``value`` is False, as 1 on the host minus ``value`` on
+        the device (no negation op)."""
         if self._flags is None or self._flags.device != value.device:
             self._flags = torch.zeros(
                 NUM_FLAGS, dtype=torch.int64, device=value.device)
-        self._flags[index].add_(value)
+            self._flag_base = [0] * NUM_FLAGS
+        if complement:
+            self._flag_base[index] += 1
+            self._flags[index].add_(value, alpha=-1)
+        else:
+            self._flags[index].add_(value)
 
     def extra_repr(self) -> str:
         unit = ' epochs' if self.burnin_by_epoch else ''

@@ -169,6 +169,9 @@ def read_cbn_flags(model: nn.Module, warn: bool = True) -> Dict[str, dict]:
     out = {}
     for (name, layer), counts in zip(layers, values):
         layer._flags.zero_()
+        # (plus the host's part of the counters, see the layer's _flag)
+        counts = [n + base for n, base in zip(counts, layer._flag_base)]
+        layer._flag_base = [0] * len(counts)
         if not any(counts):
             continue
         out[name] = dict(zip(('dropped', 'skipped', 'not_stored'), counts))

@@ -55,13 +55,13 @@ class RunningStatistics:
             skipped = nonempty > finite  # nonempty and not finite
             update = nonempty & finite
             tracked = ~skipped
+            self._flag(SKIPPED, skipped)
         else:  # a count the host knows: fewer ops
             bessel = count / (count - 1) if count > 1 else 1.0
-            skipped = ~finite if count > 0 else None
             update = finite if count > 0 else None
             tracked = finite if count > 0 else 1
-        if skipped is not None:
-            self._flag(SKIPPED, skipped)
+            if count > 0:
+                self._flag(SKIPPED, finite, complement=True)
         self.num_batches_tracked.add_(tracked)
         if update is None:  # an empty batch: nothing to average
             return
