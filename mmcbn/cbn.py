@@ -22,7 +22,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .binding import Binding, BindingInfo, in_backward
 from .calls import CallPositions
-from .functional import WindowGrad, batch_stats, stats_dtype, window_norm
+from .functional import (WindowGrad, autocast_off, batch_stats, stats_dtype,
+                         window_norm)
 from .health import DROPPED, NOT_STORED, NUM_FLAGS, observe
 from .options import STORE_DTYPES, check_bn_args, check_window_args
 from .running_stats import RunningStatistics
@@ -262,7 +263,7 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
         # statistics, counts and window state stay in float32 whatever the
         # caller's autocast (the matmuls of the compensation and the lag
         # matching would otherwise run in half precision)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             history = self._history(binding, position, iteration, lags) \
                 if bound and lags > 0 else None
             if history is None and not source.distributed:

@@ -31,12 +31,23 @@ method note "Gradients") the same backward also sends the gradients of
 parameters through the past entries. No step converts a tensor to a Python
 value.
 """
+import contextlib
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .stats_source import LOCAL, StatsSource
+
+
+def autocast_off(device_type: str):
+    """A context in which autocast is off on ``device_type``: statistics,
+    counts and window state stay float32 whatever the caller's autocast.
+    No context where autocast is off already (entering one costs
+    microseconds, per layer and step)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def reduce_dims(x: Tensor) -> Tuple[int, ...]:
@@ -451,10 +462,9 @@ def window_norm(x: Tensor,
         tuple: The normalized output (dtype of ``x``) and the
         :class:`WindowStats` it used.
     """
-    autocast_off = torch.autocast(device_type=x.device.type, enabled=False)
     if not torch.is_grad_enabled():
         window_grad = None
-    with autocast_off:
+    with autocast_off(x.device.type):
         with torch.no_grad():
             m = x.numel() // x.shape[1] if x.shape[1] else 0
             count = torch.nn.functional.pad(hist_count, (1, 0), value=m)
