@@ -32,17 +32,21 @@ class CallPositions:
         until the next ``start_iteration`` are call positions of the same
         iteration (a head shared over FPN levels), each with its own window.
         """
-        self._iteration = check_int('iteration', iteration, 0)
-        self._external_iteration = True
-        self._call_position = 0
+        # (plain values set in the instance's dict, past the checks of
+        # nn.Module.__setattr__: every layer, every step)
+        state = self.__dict__
+        state['_iteration'] = check_int('iteration', iteration, 0)
+        state['_external_iteration'] = True
+        state['_call_position'] = 0
 
     def _next_call(self) -> Tuple[int, int]:
         """The call position and iteration of this training forward."""
-        if self._external_iteration:
-            position = self._call_position
-            self._call_position += 1
+        state = self.__dict__  # (as in start_iteration)
+        if state['_external_iteration']:
+            position = state['_call_position']
+            state['_call_position'] = position + 1
         else:
-            self._iteration += 1
+            state['_iteration'] += 1
             position = 0
         while len(self._windows) <= position:
             self._add_position()

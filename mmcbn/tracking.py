@@ -34,7 +34,12 @@ class ProducerTracking:
                 binding.feeding = find_feeding(prod.input_node,
                                                prod.input_shape())
         self._adopt_after_copy(position, binding)
-        self.bindings[position] = binding.info()
+        info = self.bindings[position]
+        if info is None or binding.feeding is not None or \
+                info.key != binding.key or info.status != binding.status or \
+                info.reason != binding.reason:
+            # (else the info of the last call holds: the same producer)
+            self.bindings[position] = binding.info()
         if binding.status == 'unbound':
             if 'unbound' not in self._warned:
                 self._warn_once(

@@ -219,6 +219,30 @@ def test_binding_describes_the_convolution(conv, shape, text):
         == text
 
 
+def test_binding_info_follows_the_producer():
+    """What a call was bound to is the last call's: the same producer keeps
+    its info (not rebuilt every step), another one or none replaces it."""
+    a, b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3, bias=False)
+    norm = CBN2d(4, window=2)
+    x = torch.randn(2, 3, 6, 6)
+    norm(a(x))
+    first = norm.bindings[0]
+    assert first.status == 'bound' and first.weight_id == id(a.weight)
+    norm(a(x))
+    assert norm.bindings[0] is first
+    norm(b(x))
+    info = norm.bindings[0]
+    assert info.weight_id == id(b.weight) and 'bias=False' in \
+        info.description
+    norm(torch.relu(b(x)))
+    assert norm.bindings[0].status == 'unbound'
+    assert 'ReluBackward0' in norm.bindings[0].reason
+    b.weight.requires_grad_(False)  # the same layer, now frozen
+    norm(b(x.requires_grad_()))
+    assert norm.bindings[0].status == 'frozen'
+    assert norm.bindings[0].description == info.description
+
+
 def test_shared_layer_keeps_one_window_per_call_position():
     """A head shared over levels == one CBN per level (tied γ/β)."""
     torch.manual_seed(0)
