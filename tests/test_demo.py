@@ -354,6 +354,32 @@ def test_demo_config_variants_differ_only_in_norm(name,
     assert types == {'cbn': {'CBN'}, 'bn': {'BN'}, 'gn': {'GN'}}
 
 
+def test_a_second_demo_run_replaces_its_own_export(quick_demo, capsys):
+    """make demo runs again in a checkout where it ran before: the export
+    step replaces the earlier run's export (the training and test steps
+    write over their own outputs already) and says so."""
+    _, summary, _ = quick_demo
+    entry = summary['tasks']['seg']
+    export = entry['export_dir']
+    old = {f: osp.getmtime(osp.join(export, f)) for f in entry['exported']}
+    demo = load_tool('demo')
+    files = demo.export_task('segmentation (FCN)', entry['checkpoint'],
+                             osp.join(REPO, entry['config']), export,
+                             dict(os.environ))
+    assert files == entry['exported'] and len(files) == 2
+    assert all(osp.getmtime(osp.join(export, f)) > old[f] for f in files)
+    out = capsys.readouterr().out
+    assert 'holds the export of an earlier demo run; it is replaced' in out
+    assert '--force' in out
+    # a first export (an empty folder) is not forced
+    fresh = osp.join(osp.dirname(export), 'fresh')
+    demo.export_task('segmentation (FCN)', entry['checkpoint'],
+                     osp.join(REPO, entry['config']), fresh,
+                     dict(os.environ))
+    assert sorted(os.listdir(fresh)) == files
+    assert '--force' not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize('task,codebase', [('det', 'mmdet'), ('seg', 'mmseg')])
 def test_stock_test_tool_evaluates_the_exported_model(quick_demo, task,
                                                       codebase, tmp_path):

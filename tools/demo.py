@@ -228,16 +228,32 @@ def run_task(task: str, args, data_root: str, env: Dict[str, str]) -> dict:
         metrics={k: metrics[k]
                  for k in keys if k in metrics})
 
-    publish = _tool('publish_model.py')
-    if osp.isfile(publish):
+    if osp.isfile(_tool('publish_model.py')):
         export_dir = osp.join(args.work_dir, 'export', task)
-        _run(f'export {name}',
-             [sys.executable, publish, ckpt, export_dir, '--config', config],
-             env)
         entry['export_dir'] = export_dir
-        entry['exported'] = sorted(os.listdir(export_dir)) \
-            if osp.isdir(export_dir) else []
+        entry['exported'] = export_task(name, ckpt, config, export_dir, env)
     return entry
+
+
+def export_task(name: str, ckpt: str, config: str, export_dir: str,
+                env: Dict[str, str]) -> List[str]:
+    """Export a task's checkpoint with ``tools/publish_model.py``; the
+    files in ``export_dir``.
+
+    The export of an earlier demo run in the same work dir is the demo's
+    own output: it is replaced (``--force``), and the log says so, so that
+    ``make demo`` runs again in a checkout where it ran before.
+    """
+    cmd = [
+        sys.executable,
+        _tool('publish_model.py'), ckpt, export_dir, '--config', config
+    ]
+    if osp.isdir(export_dir) and os.listdir(export_dir):
+        print(f'\ndemo: {_show(export_dir)} holds the export of an earlier '
+              'demo run; it is replaced', flush=True)
+        cmd.append('--force')
+    _run(f'export {name}', cmd, env)
+    return sorted(os.listdir(export_dir)) if osp.isdir(export_dir) else []
 
 
 def _show(path: str) -> str:
