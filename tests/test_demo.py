@@ -13,6 +13,7 @@ import json
 import math
 import os
 import os.path as osp
+import shutil
 import subprocess
 import sys
 
@@ -356,28 +357,31 @@ def test_demo_config_variants_differ_only_in_norm(name,
 
 def test_a_second_demo_run_replaces_its_own_export(quick_demo, capsys):
     """make demo runs again in a checkout where it ran before: the export
-    step replaces the earlier run's export (the training and test steps
-    write over their own outputs already) and says so."""
+    step replaces the earlier run's export as a whole (the training and
+    test steps write over their own outputs already) and says so."""
     _, summary, _ = quick_demo
     entry = summary['tasks']['seg']
     export = entry['export_dir']
+    config = osp.join(REPO, entry['config'])
     old = {f: osp.getmtime(osp.join(export, f)) for f in entry['exported']}
+    # an earlier run's checkpoint, named by the hash of other weights
+    stale = osp.join(export, 'fcn_r18-d8_cbn_demo-00000000.pth')
+    open(stale, 'wb').close()
     demo = load_tool('demo')
     files = demo.export_task('segmentation (FCN)', entry['checkpoint'],
-                             osp.join(REPO, entry['config']), export,
-                             dict(os.environ))
+                             config, export, dict(os.environ))
     assert files == entry['exported'] and len(files) == 2
+    assert sorted(os.listdir(export)) == files  # the stale file is gone
     assert all(osp.getmtime(osp.join(export, f)) > old[f] for f in files)
-    out = capsys.readouterr().out
-    assert 'holds the export of an earlier demo run; it is replaced' in out
-    assert '--force' in out
-    # a first export (an empty folder) is not forced
+    assert 'held the export of an earlier demo run; replaced' in \
+        capsys.readouterr().out
+    assert sorted(os.listdir(osp.dirname(export))) == ['det', 'seg']
+    # a first export: nothing to replace
     fresh = osp.join(osp.dirname(export), 'fresh')
-    demo.export_task('segmentation (FCN)', entry['checkpoint'],
-                     osp.join(REPO, entry['config']), fresh,
-                     dict(os.environ))
-    assert sorted(os.listdir(fresh)) == files
-    assert '--force' not in capsys.readouterr().out
+    assert demo.export_task('segmentation (FCN)', entry['checkpoint'],
+                            config, fresh, dict(os.environ)) == files
+    assert 'replaced' not in capsys.readouterr().out
+    shutil.rmtree(fresh)
 
 
 @pytest.mark.parametrize('task,codebase', [('det', 'mmdet'), ('seg', 'mmseg')])

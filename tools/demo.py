@@ -31,6 +31,7 @@ import json
 import math
 import os
 import os.path as osp
+import shutil
 import subprocess
 import sys
 import time
@@ -241,19 +242,29 @@ def export_task(name: str, ckpt: str, config: str, export_dir: str,
     files in ``export_dir``.
 
     The export of an earlier demo run in the same work dir is the demo's
-    own output: it is replaced (``--force``), and the log says so, so that
-    ``make demo`` runs again in a checkout where it ran before.
+    own output: it is replaced as a whole (its checkpoint name holds a hash
+    of other weights), and the log says so, so that ``make demo`` runs
+    again in a checkout where it ran before. The new export is written
+    beside it and swapped in by renames: an interrupted run leaves one
+    complete export or the other.
     """
-    cmd = [
+    staged = export_dir + '.new'
+    shutil.rmtree(staged, ignore_errors=True)
+    _run(f'export {name}', [
         sys.executable,
-        _tool('publish_model.py'), ckpt, export_dir, '--config', config
-    ]
-    if osp.isdir(export_dir) and os.listdir(export_dir):
-        print(f'\ndemo: {_show(export_dir)} holds the export of an earlier '
-              'demo run; it is replaced', flush=True)
-        cmd.append('--force')
-    _run(f'export {name}', cmd, env)
-    return sorted(os.listdir(export_dir)) if osp.isdir(export_dir) else []
+        _tool('publish_model.py'), ckpt, staged, '--config', config
+    ], env)
+    if osp.isdir(export_dir):
+        print(f'demo: {_show(export_dir)} held the export of an earlier '
+              'demo run; replaced', flush=True)
+        retired = export_dir + '.old'
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(export_dir, retired)
+        os.replace(staged, export_dir)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staged, export_dir)
+    return sorted(os.listdir(export_dir))
 
 
 def _show(path: str) -> str:
