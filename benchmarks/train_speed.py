@@ -32,6 +32,7 @@ Denormal floats are flushed to zero unless ``--keep-denormals``: in a run
 without it the BN detector's box-head fc hit denormal slow paths, 1.4 s of
 its 10 s step, and the comparison measured that instead of the norms.)
 """
+import functools
 import json
 import math
 import os
@@ -107,8 +108,10 @@ def register_authors():
         MODELS.register_module('AuthorsCBN', module=AuthorsCBN2d)
 
 
+@functools.lru_cache(maxsize=None)
 def backbone_source() -> str:
-    """``'mmdet'`` where mmdet's ResNet imports, else ``'plain'``."""
+    """``'mmdet'`` where mmdet's ResNet imports, else ``'plain'`` (decided
+    once per process: a failing import is not retried per model)."""
     try:
         from mmdet.models.backbones import ResNet  # noqa: F401
     except ImportError:
