@@ -5,7 +5,9 @@ A CBN layer in eval mode is BatchNorm with the same parameters and buffers,
 so publishing needs no weight arithmetic: the config's norm types become
 BN, mmcbn's imports and hooks go, and the checkpoint keeps ``meta`` and
 ``state_dict`` only, in types that torch's weights-only loader accepts
-without any allow-list.
+without any allow-list. MABN is BatchNorm with ``running_mean = 0`` in eval
+mode (its moving-average buffers go), and a weight-centred convolution
+(``ConvWC``) becomes a plain one holding its centred weight.
 """
 import copy
 import inspect
@@ -50,25 +52,41 @@ def bn_type_of(cls: type) -> str:
         'nn.BatchNorm1d/2d/3d: cannot export it as BatchNorm')
 
 
+def _exports_as_bn(cls: Any) -> bool:
+    """Whether ``cls`` is an mmcbn norm layer that publishes as BN."""
+    from .cbn import _CrossIterationBatchNorm
+    from .mabn import MABN2d
+    return isinstance(cls, type) and issubclass(
+        cls, (_CrossIterationBatchNorm, MABN2d))
+
+
 def norm_types_to_bn() -> Dict[str, str]:
     """Norm types that publishing turns into BatchNorm, and their BN type.
 
     Every class in mmengine's root ``MODELS`` registry that has mmcbn's CBN
-    behaviour (``mmcbn.cbn._CrossIterationBatchNorm``), under each name it
-    is registered with, maps to the BN type of its BatchNorm base class;
+    behaviour (``mmcbn.cbn._CrossIterationBatchNorm``) or is MABN, under
+    each name it is registered with, maps to the BN type of its BatchNorm
+    base class;
     mmcv's ``SyncBN``/``MMSyncBN`` map to ``'BN'``. The registry is read at
     each call, so layers registered later are covered too.
 
     Returns:
         dict[str, str]: Registered name -> ``'BN1d'``, ``'BN'`` or ``'BN3d'``.
     """
-    from .cbn import _CrossIterationBatchNorm
     mapping = dict(SYNC_BN_TO_BN)
     for name, cls in MODELS.module_dict.items():
-        if isinstance(cls, type) and issubclass(cls,
-                                                _CrossIterationBatchNorm):
+        if _exports_as_bn(cls):
             mapping[name] = bn_type_of(cls)
     return mapping
+
+
+def conv_types_to_plain() -> Dict[str, str]:
+    """Conv types that publishing turns into mmcv's plain ``'Conv2d'``:
+    every name under which a weight-centred convolution
+    (:class:`mmcbn.mabn.ConvWC`) is registered."""
+    from .mabn import ConvWC
+    return {name: 'Conv2d' for name, cls in MODELS.module_dict.items()
+            if isinstance(cls, type) and issubclass(cls, ConvWC)}
 
 
 def _init_keywords(cls: type) -> Optional[FrozenSet[str]]:
@@ -120,27 +138,33 @@ def convert_norm_cfg(cfg: Dict[str, Any], bn_type: str) -> Dict[str, Any]:
     }
 
 
-def _convert_norms(node: Any, to_bn: Dict[str, str]) -> Any:
-    """Recursively replace CBN/SyncBN norm configs with BN ones."""
-    from .cbn import _CrossIterationBatchNorm
+def _convert_norms(node: Any, to_bn: Dict[str, str],
+                   to_plain: Dict[str, str]) -> Any:
+    """Recursively replace CBN/SyncBN/MABN norm configs with BN ones and
+    weight-centred conv configs with plain ones."""
+    from .mabn import ConvWC
     if isinstance(node, dict):
-        out = {k: _convert_norms(v, to_bn) for k, v in node.items()}
+        out = {k: _convert_norms(v, to_bn, to_plain)
+               for k, v in node.items()}
         norm_type = out.get('type')
         bn_type = None
         if isinstance(norm_type, str):
             bn_type = to_bn.get(norm_type)
-        elif isinstance(norm_type, type) and issubclass(
-                norm_type, _CrossIterationBatchNorm):
+        elif _exports_as_bn(norm_type):
             bn_type = bn_type_of(norm_type)  # a class in a Python config
         if bn_type is not None:
             out = convert_norm_cfg(out, bn_type)
+        elif (isinstance(norm_type, str) and norm_type in to_plain) or (
+                isinstance(norm_type, type) and issubclass(norm_type,
+                                                           ConvWC)):
+            out['type'] = 'Conv2d'
         if out.get('init_cfg') is not None:
             out['init_cfg'] = None
         if out.get('pretrained') is not None:
             out['pretrained'] = None
         return out
     if isinstance(node, (list, tuple)):
-        return type(node)(_convert_norms(v, to_bn) for v in node)
+        return type(node)(_convert_norms(v, to_bn, to_plain) for v in node)
     return node
 
 
@@ -160,7 +184,8 @@ def export_config(cfg: Config) -> Config:
     Returns:
         Config: The exported config.
     """
-    data = _convert_norms(copy.deepcopy(cfg.to_dict()), norm_types_to_bn())
+    data = _convert_norms(copy.deepcopy(cfg.to_dict()), norm_types_to_bn(),
+                          conv_types_to_plain())
     imports = data.get('custom_imports')
     if imports:
         names = imports.get('imports', [])
@@ -219,6 +244,8 @@ def export_checkpoint(ckpt: Dict[str, Any],
 
     Optimizer, message hub, schedulers and anything else are dropped; the
     training config in ``meta['cfg']`` is replaced with the exported one.
+    The state is what the exported (BN, plain conv) model loads: see
+    :func:`plain_state_dict`.
 
     Raises:
         KeyError: If the checkpoint has no ``state_dict``.
@@ -226,8 +253,7 @@ def export_checkpoint(ckpt: Dict[str, Any],
     if 'state_dict' not in ckpt:
         raise KeyError(
             f'no state_dict in the checkpoint (keys: {sorted(ckpt)})')
-    state = OrderedDict((k, v.detach().clone() if isinstance(
-        v, torch.Tensor) else v) for k, v in ckpt['state_dict'].items())
+    state = plain_state_dict(ckpt['state_dict'])
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise TypeError(f'state_dict entries are not tensors: {bad[:5]}')
@@ -235,6 +261,32 @@ def export_checkpoint(ckpt: Dict[str, Any],
     meta['cfg'] = exported_cfg.pretty_text
     meta['exported_by'] = 'mmcbn.export (CBN -> BN)'
     return dict(meta=_plain(meta, 'meta'), state_dict=state)
+
+
+def plain_state_dict(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of ``state`` for the exported model: MABN's moving-average
+    buffers dropped (its BN buffers stay: ``running_mean`` is 0), and each
+    weight-centred convolution's weight centred, its marker dropped."""
+    from .mabn import MABN_ONLY_BUFFERS, centre_filters
+    out = OrderedDict()
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().clone()
+        name = key.rsplit('.', 1)[-1]
+        if name in MABN_ONLY_BUFFERS:
+            continue
+        if name == 'weight_centred':
+            weight = key[:-len(name)] + 'weight'
+            if weight not in state:
+                raise KeyError(f'{key} marks a weight-centred convolution, '
+                               f'but the state has no {weight}')
+            continue
+        out[key] = value
+    for key in state:
+        if key.rsplit('.', 1)[-1] == 'weight_centred':
+            weight = key[:-len('weight_centred')] + 'weight'
+            out[weight] = centre_filters(out[weight])
+    return out
 
 
 def dropped_keys(ckpt: Dict[str, Any]) -> Tuple[str, ...]:
