@@ -19,7 +19,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from mmcbn import CBN2d  # noqa: E402
+from mmcbn import CBN2d, MABN2d, ConvWC  # noqa: E402
 
 DEFAULT_OUT = osp.join(ROOT, 'benchmarks', 'results')
 
@@ -79,7 +79,8 @@ def load_digits_split(split_seed: int = 0, size: int = 16,
 
 # ---------------------------------------------------------------- norms
 def make_norm_factory(kind: str, **kwargs) -> Callable[[int], nn.Module]:
-    """``kind``: 'bn', 'gn' (``groups``), or 'cbn' (CBN2d kwargs)."""
+    """``kind``: 'bn', 'gn' (``groups``), 'cbn' (CBN2d kwargs) or 'mabn'
+    (MABN2d kwargs)."""
     if kind == 'bn':
         return lambda c: nn.BatchNorm2d(c)
     if kind == 'gn':
@@ -87,23 +88,39 @@ def make_norm_factory(kind: str, **kwargs) -> Callable[[int], nn.Module]:
         return lambda c: nn.GroupNorm(min(groups, c), c)
     if kind == 'cbn':
         return lambda c: CBN2d(c, **kwargs)
+    if kind == 'mabn':
+        return lambda c: MABN2d(c, **kwargs)
     raise ValueError(kind)
+
+
+def make_conv(kind: Optional[str]) -> Callable[..., nn.Conv2d]:
+    """The convolution class: None (``nn.Conv2d``), ``'ws'`` (weight
+    standardization, mmcv's ``ConvWS2d``) or ``'wc'`` (weight centring,
+    ``mmcbn.ConvWC``)."""
+    if kind is None:
+        return nn.Conv2d
+    if kind == 'ws':
+        from mmcv.cnn.bricks.conv_ws import ConvWS2d
+        return ConvWS2d
+    if kind == 'wc':
+        return ConvWC
+    raise ValueError(f'unknown conv kind {kind!r}')
 
 
 # ---------------------------------------------------------------- model
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs, no conv bias, as in ResNet-18)."""
 
-    def __init__(self, c_in, c_out, stride, norm):
+    def __init__(self, c_in, c_out, stride, norm, conv=nn.Conv2d):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.conv1 = conv(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = norm(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.conv2 = conv(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = norm(c_out)
         self.downsample = None
         if stride != 1 or c_in != c_out:
             self.downsample = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), norm(c_out))
+                conv(c_in, c_out, 1, stride, bias=False), norm(c_out))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -117,22 +134,23 @@ class SmallResNet(nn.Module):
 
     ``widths``/``blocks`` per stage; the first stage has stride 1, the
     others stride 2. ``widths=(w, 2w, 4w, 8w), blocks=(2, 2, 2, 2)`` is
-    ResNet-18's layout.
+    ResNet-18's layout. ``conv`` is the convolution class (weight
+    standardization or centring: :func:`make_conv`).
     """
 
     def __init__(self, norm: Callable[[int], nn.Module],
                  widths: Sequence[int] = (16, 32, 64),
                  blocks: Sequence[int] = (1, 1, 1), in_channels: int = 1,
-                 num_classes: int = 10):
+                 num_classes: int = 10, conv=nn.Conv2d):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.conv1 = conv(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = norm(widths[0])
         layers = []
         c_in = widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks)):
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                layers.append(BasicBlock(c_in, w, stride, norm))
+                layers.append(BasicBlock(c_in, w, stride, norm, conv))
                 c_in = w
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(c_in, num_classes)

@@ -37,6 +37,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import copy
 import math
 import os.path as osp
 import statistics
@@ -55,6 +56,7 @@ from common import (  # noqa: E402
     evaluate,
     load_digits_split,
     machine_info,
+    make_conv,
     make_norm_factory,
     markdown_table,
     save_png,
@@ -237,23 +239,29 @@ def run_specs(quick=False):
     return s
 
 
-def build_model(norm, kwargs, data, args):
+def build_model(norm, kwargs, data, args, conv=None):
     return SmallResNet(make_norm_factory(norm, **kwargs), widths=args.widths,
                        blocks=args.blocks, in_channels=data['channels'],
-                       num_classes=data['classes'])
+                       num_classes=data['classes'], conv=make_conv(conv))
 
 
-def population_accuracy(model, data, args):
-    """Test accuracy of a BN copy whose running statistics are those of the
-    whole training set (one train-mode pass; diagnostic, "precise BN")."""
-    twin = build_model('bn', {}, data, args)
-    twin.load_state_dict(model.state_dict())
-    for m in twin.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = 1.0
-    twin.train()
-    with torch.no_grad():
-        twin(data['x_tr'])
+def population_accuracy(model, data, args, batch=None, num_batches=200,
+                        seed=0):
+    """Test accuracy of a copy whose running statistics are re-estimated
+    with :func:`mmcbn.precise_stats.recompute_statistics` (exactly pooled):
+    from the whole training set in one pass (``batch`` None), or, as
+    ``PreciseStatsHook`` would, from ``num_batches`` random training
+    batches of ``batch`` images. The model itself is left as it is."""
+    from mmcbn.precise_stats import recompute_statistics
+    twin = copy.deepcopy(model)
+    x = data['x_tr']
+    if batch is None:
+        batches = [x]
+    else:
+        gen = torch.Generator().manual_seed(5000 + seed)
+        batches = [x[torch.randint(len(x), (batch, ), generator=gen)]
+                   for _ in range(num_batches)]
+    recompute_statistics(twin, batches)
     return evaluate(twin, data['x_te'], data['y_te'])
 
 
@@ -267,7 +275,7 @@ def train_one(spec, seed, data, args, keep_model=False):
         kwargs['burnin'] = int(round(spec['burnin'] * total))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(1000 + seed)
-    model = build_model(spec['norm'], kwargs, data, args)
+    model = build_model(spec['norm'], kwargs, data, args, spec.get('conv'))
     lr = args.base_lr * batch / 32
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
@@ -325,10 +333,14 @@ def train_one(spec, seed, data, args, keep_model=False):
     curve = [statistics.fmean(losses[i:i + tenth])
              for i in range(0, total - tenth + 1, tenth)]
     acc = evaluate(model, data['x_te'], data['y_te'])
+    bn_style = spec['norm'] != 'gn'
     result = dict(
         test_acc=acc,
         test_acc_population_stats=(population_accuracy(model, data, args)
-                                   if spec['norm'] != 'gn' else acc),
+                                   if bn_style else acc),
+        # as PreciseStatsHook would: 200 random batches of the run's size
+        test_acc_precise_batches=(population_accuracy(
+            model, data, args, batch=batch, seed=seed) if bn_style else acc),
         train_acc=evaluate(model, x_tr, y_tr),
         train_loss_last_epoch=statistics.fmean(losses[-iters_per_epoch:]),
         loss_curve=curve, iterations=total, lr=lr,

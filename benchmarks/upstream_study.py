@@ -127,11 +127,12 @@ def run(spec, base_lr, split, seed, data, args, finished, path):
     return r
 
 
-def paired(summary, a, b):
-    """``a - b`` per seed, mean, paired s.e., wins."""
+def paired(summary, a, b, key='accs', key_b=None):
+    """``a - b`` per seed, mean, paired s.e., wins (of ``summary[a][key]``
+    against ``summary[b][key_b or key]``)."""
     if a not in summary or b not in summary:
         return None
-    d = [x - y for x, y in zip(summary[a]['accs'], summary[b]['accs'])]
+    d = [x - y for x, y in zip(summary[a][key], summary[b][key_b or key])]
     m, s = mean_std(d)
     return dict(a=a, b=b, diff=m, paired_se=s / max(len(d), 1)**0.5,
                 per_seed=d, wins=sum(x > 0 for x in d), n=len(d))
@@ -169,8 +170,17 @@ def plot(summary, path, title):
     plt.close(fig)
 
 
-def main(argv=None):
-    parser = benchmark_parser(__doc__, 'tiny smoke run (< 2 min), for tests')
+#: How the tables name the accuracy a comparison uses.
+ACC_NAMES = {'accs': '', 'accs_pop': ' (re-estimated)'}
+
+
+def pair_label(a, b, key='accs', key_b=None):
+    return f'{a}{ACC_NAMES[key]} - {b}{ACC_NAMES[key_b or key]}'
+
+
+def study_parser(doc):
+    """The options of a tuned-lr study on the photo crops."""
+    parser = benchmark_parser(doc, 'tiny smoke run (< 2 min), for tests')
     parser.add_argument('--seeds', type=int, nargs='+',
                         default=[0, 1, 2, 3, 4])
     parser.add_argument('--tune-seeds', type=int, nargs='+', default=[0])
@@ -184,28 +194,39 @@ def main(argv=None):
     parser.add_argument('--n-val', type=int, default=5,
                         help='validation crops per class (from training)')
     parser.add_argument('--work-dir')
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seeds, args.tune_seeds, args.epochs = [0], [0], 1
-        args.lrs = [0.1, 0.4]
-        args.n_photos, args.n_train, args.n_test, args.n_val = 6, 8, 4, 2
-        args.widths = [8, 16, 32, 64]
-    torch.set_num_threads(args.threads)
-    timer = Timer()
-    specs = methods()
-    if args.methods:
-        specs = [s for s in specs if s['name'] in args.methods]
+    return parser
+
+
+def quick_settings(args):
+    """``--quick``: one seed, one epoch, a tiny task and net."""
+    args.seeds, args.tune_seeds, args.epochs = [0], [0], 1
+    args.lrs = [0.1, 0.4]
+    args.n_photos, args.n_train, args.n_test, args.n_val = 6, 8, 4, 2
+    args.widths = [8, 16, 32, 64]
+
+
+def tune_and_test(specs, args, name):
+    """Tune every spec's base lr on the validation split (mean over
+    ``--tune-seeds``; a spec's own ``lrs`` replace ``--lrs``), then run the
+    test seeds at the chosen rate. Finished runs are kept in
+    ``work_dirs/<name>/runs.jsonl`` (or ``--work-dir``).
+
+    Returns:
+        tuple: ``tuning`` {method: {lr: val acc}}, ``chosen`` {method: lr},
+        ``results`` {method: [test run per seed]}.
+    """
     photos = load_data('photos', args)
     data = dict(val=validation_split(photos, args.n_val), test=photos)
     tag = '_quick' if args.quick else ''
-    work_dir = args.work_dir or osp.join(ROOT, 'work_dirs',
-                                         f'upstream_study{tag}')
+    work_dir = args.work_dir or osp.join(ROOT, 'work_dirs', f'{name}{tag}')
     os.makedirs(work_dir, exist_ok=True)
     path = osp.join(work_dir, 'runs.jsonl')
     finished = load_finished(path, args, RUN_ARGS, _run_key)
     tuning, chosen = {}, {}
     for spec in specs:
-        lrs = args.lrs
+        lrs = spec.get('lrs', args.lrs)
+        if args.quick:
+            lrs = args.lrs
         if spec.get('ceiling') and args.ceiling_lr is not None:
             lrs = [args.ceiling_lr]
         scores = {}
@@ -221,6 +242,17 @@ def main(argv=None):
             results.setdefault(spec['name'], []).append(
                 run(spec, chosen[spec['name']], 'test', seed, data, args,
                     finished, path))
+    return tuning, chosen, results
+
+
+def _mean_of(rs, key):
+    values = [r[key] for r in rs if key in r]
+    return statistics.fmean(values) if values else float('nan')
+
+
+def summarize(specs, tuning, chosen, results):
+    """Per method: accuracies per seed, their mean and std, the
+    re-estimated-statistics accuracies, loss and weight-norm curves."""
     summary = {}
     for spec in specs:
         rs = results[spec['name']]
@@ -229,11 +261,14 @@ def main(argv=None):
         summary[spec['name']] = dict(
             base_lr=chosen[spec['name']], lr=rs[0]['lr'], accs=accs,
             acc_mean=m, acc_std=s,
-            # the same networks with eval statistics re-estimated on the
-            # whole training set (diagnostic: how much the running
-            # statistics cost)
-            acc_pop_mean=statistics.fmean(r['test_acc_population_stats']
-                                          for r in rs),
+            # the same networks with eval statistics re-estimated exactly
+            # (mmcbn.precise_stats): from the whole training set in one
+            # pass, and from 200 training batches of the run's size (what
+            # PreciseStatsHook does)
+            acc_pop_mean=_mean_of(rs, 'test_acc_population_stats'),
+            accs_pop=[r.get('test_acc_population_stats') for r in rs],
+            acc_precise_mean=_mean_of(rs, 'test_acc_precise_batches'),
+            accs_precise=[r.get('test_acc_precise_batches') for r in rs],
             val_acc=tuning[spec['name']][chosen[spec['name']]],
             train_loss_last_tenth=statistics.fmean(
                 r['train_loss_last_tenth'] for r in rs),
@@ -243,39 +278,80 @@ def main(argv=None):
             stem_norm_curve=[statistics.fmean(c) for c in zip(
                 *(r['stem_norm_curve'] for r in rs))],
             seconds_per_run=statistics.fmean(r['seconds'] for r in rs))
-    checks = {f'{a} - {b}': c for a, b in PAIRS
-              if (c := paired(summary, a, b)) is not None}
+    return summary
+
+
+def tables(summary, tuning, chosen, checks, lrs, seeds):
+    """The lr table, the test table and the paired-difference table."""
+    all_lrs = sorted({lr for v in tuning.values() for lr in v} | set(lrs))
     lr_rows = [[name] + [f'{v.get(lr, float("nan")):.1f}' for lr in
-                         args.lrs] + [chosen[name]]
+                         all_lrs] + [chosen[name]]
                for name, v in tuning.items()]
     lr_table = markdown_table(
-        ['method'] + [f'val acc @ {lr}' for lr in args.lrs] +
+        ['method'] + [f'val acc @ {lr}' for lr in all_lrs] +
         ['chosen base lr'], lr_rows)
     table = markdown_table(
-        ['method', 'base lr', f'test acc ({len(args.seeds)} seeds)',
-         'per seed', 'with re-estimated statistics', 'last-tenth loss',
-         'stem |W| end', 's / run'],
+        ['method', 'base lr', f'test acc ({len(seeds)} seeds)',
+         'per seed', 'with re-estimated statistics (train set)',
+         're-estimated, 200 batches', 'last-tenth loss', 'stem |W| end',
+         's / run'],
         [[n, v['base_lr'], f"**{v['acc_mean']:.1f} ± {v['acc_std']:.1f}**",
           ' / '.join(f'{a:.1f}' for a in v['accs']),
-          f"{v['acc_pop_mean']:.1f}",
+          f"{v['acc_pop_mean']:.1f}", f"{v['acc_precise_mean']:.1f}",
           f"{v['train_loss_last_tenth']:.2f}", f"{v['stem_norm_end']:.2f}",
           f"{v['seconds_per_run']:.0f}"] for n, v in summary.items()])
     check_table = markdown_table(
-        ['a - b', 'paired diff', 'wins'],
+        ['a - b', 'paired diff', 'wins', 'per seed'],
         [[k, f"{c['diff']:+.1f} ± {c['paired_se']:.1f}",
-          f"{c['wins']}/{c['n']}"] for k, c in checks.items()])
+          f"{c['wins']}/{c['n']}",
+          ' '.join(f'{d:+.1f}' for d in c['per_seed'])]
+         for k, c in checks.items()])
+    return lr_table, table, check_table
+
+
+def run_study(argv, doc, name, specs, pairs, title):
+    """A whole study: parse, tune, test, summarize, write JSON and PNG."""
+    args = study_parser(doc).parse_args(argv)
+    if args.quick:
+        quick_settings(args)
+    torch.set_num_threads(args.threads)
+    timer = Timer()
+    if args.methods:
+        unknown = set(args.methods) - {s['name'] for s in specs}
+        if unknown:
+            raise SystemExit(f'unknown methods: {sorted(unknown)}')
+        specs = [s for s in specs if s['name'] in args.methods]
+    tuning, chosen, results = tune_and_test(specs, args, name)
+    summary = summarize(specs, tuning, chosen, results)
+    if callable(pairs):
+        pairs = pairs(summary)
+    checks = {}
+    for pair in pairs:
+        a, b, *keys = pair
+        label = f'{a} - {b}' if not keys else pair_label(a, b, *keys)
+        if (c := paired(summary, a, b, *keys)) is not None:
+            checks[label] = c
+    lr_table, table, check_table = tables(summary, tuning, chosen, checks,
+                                          args.lrs, args.seeds)
     print(lr_table, table, check_table, sep='\n\n')
-    title = (f"photo crops, batch 2, tuned lr, {len(args.seeds)} seeds")
-    out = dict(benchmark='upstream_study', machine=machine_info(),
+    tag = '_quick' if args.quick else ''
+    out = dict(benchmark=name, machine=machine_info(),
                config=dict({k: v for k, v in vars(args).items()
                             if k not in ('out', 'work_dir')},
                            window=WINDOW, burnin=BURNIN),
-               tuning=tuning, chosen=chosen, summary=summary, checks=checks,
-               runs=results, lr_markdown=lr_table, table_markdown=table,
-               checks_markdown=check_table, total_seconds=timer())
-    write_json(osp.join(args.out, f'upstream_study{tag}.json'), out)
-    plot(summary, osp.join(args.out, f'upstream_study{tag}.png'), title)
+               methods=specs, tuning=tuning, chosen=chosen, summary=summary,
+               checks=checks, runs=results, lr_markdown=lr_table,
+               table_markdown=table, checks_markdown=check_table,
+               total_seconds=timer())
+    write_json(osp.join(args.out, f'{name}{tag}.json'), out)
+    plot(summary, osp.join(args.out, f'{name}{tag}.png'),
+         f'{title}, {len(args.seeds)} seeds')
     return out
+
+
+def main(argv=None):
+    return run_study(argv, __doc__, 'upstream_study', methods(), PAIRS,
+                     'photo crops, batch 2, tuned lr')
 
 
 if __name__ == '__main__':
