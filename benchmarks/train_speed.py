@@ -72,7 +72,13 @@ NORMS = {
     # 'CBN w8' (and the 'upstream' part)
     'CBN w8 upstream': dict(type='CBN', window=8, compensate='upstream'),
     'authors w8': dict(type='AuthorsCBN', window=8),
+    # the batch-2 peers that reparametrize the convolutions (CONV_CFGS)
+    'MABN': dict(type='MABN'),
+    'GN+WS': dict(type='GN', num_groups=32),
 }
+#: The conv layers of the variants that do not use plain convolutions:
+#: MABN behind weight-centred convolutions, GN behind weight-standardized.
+CONV_CFGS = {'MABN': dict(type='ConvWC'), 'GN+WS': dict(type='ConvWS')}
 #: The opt-in fast options, at the configs' window 4 and at 8.
 FAST = {
     's2': dict(moment_stride=2),
@@ -127,14 +133,16 @@ class Classifier(nn.Module):
     architecture written out; :func:`backbone_source` says which.
     """
 
-    def __init__(self, depth, norm_cfg, num_classes=10):
+    def __init__(self, depth, norm_cfg, num_classes=10, conv_cfg=None):
         super().__init__()
         if backbone_source() == 'mmdet':
             from mmdet.models.backbones import ResNet
             self.backbone = ResNet(
                 depth, norm_cfg=norm_cfg, norm_eval=False, frozen_stages=-1,
-                out_indices=(3, ))
+                out_indices=(3, ), conv_cfg=conv_cfg)
         else:
+            if conv_cfg is not None:
+                raise SystemExit(f'conv_cfg {conv_cfg} needs mmdet\'s ResNet')
             from plain_resnet import PlainResNet
             self.backbone = PlainResNet(depth, norm_cfg)
         channels = 512 if depth < 50 else 2048
@@ -144,9 +152,10 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x)[0].mean((2, 3)))
 
 
-def make_resnet_step(depth, norm_cfg, size, device='cpu', seed=0):
+def make_resnet_step(depth, norm_cfg, size, device='cpu', seed=0,
+                     conv_cfg=None):
     torch.manual_seed(seed)
-    model = Classifier(depth, norm_cfg).to(device)
+    model = Classifier(depth, norm_cfg, conv_cfg=conv_cfg).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
                           weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
@@ -478,7 +487,8 @@ def measure_memory_child(kind, variant, args):
     before = _peak_rss_mb()
     if kind == 'resnet':
         model, step = make_resnet_step(args.depth, NORMS[variant], args.size,
-                                       args.device)
+                                       args.device,
+                                       conv_cfg=CONV_CFGS.get(variant))
         window = NORMS[variant].get('window', 1)
     else:
         model, step = make_detector_step(variant, args.det_size,
@@ -552,7 +562,8 @@ def main():
     models, steps = {}, {}
     for name in variants:
         models[name], steps[name] = make_resnet_step(
-            args.depth, NORMS[name], args.size, args.device)
+            args.depth, NORMS[name], args.size, args.device,
+            conv_cfg=CONV_CFGS.get(name))
     # warm-up fills every window
     warmups = {name: (2 if args.quick else 2 + NORMS[name].get('window', 1))
                for name in variants}
@@ -565,6 +576,10 @@ def main():
         row = dict(model=model_name, norm=name, step_ms=1e3 * step_s,
                    ratio_to_bn=ratio, extra_ms=1e3 * extra)
         model = models[name]
+        row['layer_types'] = sorted({
+            type(m).__name__ for m in model.modules()
+            if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm,
+                              nn.GroupNorm))})
         row['window_state_mb'] = window_bytes(model) / 2**20
         row['window_bytes'] = window_bytes(model)
         row['window_bytes_by_buffer'] = window_bytes_by_buffer(model)

@@ -24,8 +24,13 @@ def test_train_speed_quick_smoke(tmp_path):
     norms = [r['norm'] for r in result['resnet']]
     assert norms == ['BN', 'GN', 'CBN w1', 'CBN w2', 'CBN w4', 'CBN w8',
                      'CBN w16', 'CBN w8 const. entries', 'CBN w8 upstream',
-                     'authors w8'] + fast
+                     'authors w8', 'MABN', 'GN+WS'] + fast
     rows = {r['norm']: r for r in result['resnet']}
+    # the reparametrized peers ran with their own layers
+    assert {'MABN2d', 'ConvWC'} <= set(rows['MABN']['layer_types'])
+    assert 'Conv2d' not in rows['MABN']['layer_types']
+    assert {'GroupNorm', 'ConvWS2d'} <= set(rows['GN+WS']['layer_types'])
+    assert 'CBN2d' in rows['CBN w8']['layer_types']
     assert all(r['step_ms'] > 0 for r in rows.values())
     # exact, load-independent facts: state per stored iteration
     assert 1.0 <= rows['CBN w8']['window_state_per_weight'] <= 1.05

@@ -22,9 +22,23 @@ TESTS = osp.join(ROOT, 'tests')
 sys.path.insert(0, osp.join(ROOT, 'tools'))
 import publish_model  # noqa: E402
 
+#: MABN with short warm-ups, so that 3 steps use every part of it.
+MABN_CFG = dict(type='MABN', buffer_size=2, sma_warmup=1, renorm_warmup=2)
+
+
+def mabn_faster_rcnn_cfg(_):
+    """Faster R-CNN with MABN behind weight-centred convolutions in the
+    backbone, the FPN and the box head (MABN's recipe)."""
+    model = faster_rcnn_cfg(MABN_CFG)
+    for part in (model.backbone, model.neck, model.roi_head.bbox_head):
+        part.conv_cfg = dict(type='ConvWC')
+    return model
+
+
 KINDS = {
     'det': ('mmdet', FASTER_RCNN, faster_rcnn_cfg, det_batch),
     'seg': ('mmseg', PSPNET, pspnet_cfg, seg_batch),
+    'det_mabn': ('mmdet', FASTER_RCNN, mabn_faster_rcnn_cfg, det_batch),
 }
 
 
@@ -69,7 +83,7 @@ def published(request, tmp_path_factory):
     model.eval()
     with torch.no_grad():
         result = model.test_step(make_batch(7))
-    if kind == 'det':
+    if kind.startswith('det'):
         expected = [(r.pred_instances.bboxes, r.pred_instances.scores)
                     for r in result]
     else:
@@ -97,8 +111,12 @@ def test_published_files_are_plain_bn(published):
     assert osp.basename(ckpt_path) == f'{name}-{sha256(ckpt_path)[:8]}.pth'
     text = open(cfg_path).read()
     assert 'CBN' not in text and 'mmcbn' not in text
+    assert 'MABN' not in text and 'ConvWC' not in text
     cfg = Config.fromfile(cfg_path)
     assert cfg.model.backbone.norm_cfg.type == 'BN'
+    if published['kind'] == 'det_mabn':
+        assert cfg.model.backbone.conv_cfg == dict(type='Conv2d')
+        assert cfg.model.roi_head.bbox_head.norm_cfg == dict(type='BN')
     assert cfg.model.backbone.get('init_cfg') is None
     # stock torch, default weights-only loading, with no allow-list at all
     torch.serialization.clear_safe_globals()
@@ -119,7 +137,7 @@ def test_stock_process_without_mmcbn_gives_the_same_outputs(published):
     env = dict(os.environ, PYTHONPATH=TESTS)
     proc = subprocess.run(
         [sys.executable, osp.join(TESTS, 'stock_inference.py'), cfg_path,
-         ckpt_path, published['kind'], out],
+         ckpt_path, published['kind'][:3], out],
         cwd=str(published['tmp']), env=env, capture_output=True, text=True,
         timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -180,7 +198,10 @@ def test_export_config_converts_every_norm():
                 neck=dict(norm_cfg=dict(type='SyncBN', requires_grad=True)),
                 heads=[dict(norm_cfg=dict(type='CBN1d')),
                        dict(norm_cfg=dict(type='MMSyncBN')),
-                       dict(norm_cfg=dict(type='GN', num_groups=32))]),
+                       dict(norm_cfg=dict(type='GN', num_groups=32)),
+                       dict(norm_cfg=dict(type='MABN', buffer_size=8,
+                                          momentum=0.02),
+                            conv_cfg=dict(type='ConvWC'))]),
             load_from='a.pth',
             resume=True))
     out = export_config(cfg)
@@ -192,5 +213,7 @@ def test_export_config_converts_every_norm():
     assert out.model.backbone.init_cfg is None
     assert out.model.neck.norm_cfg == dict(type='BN', requires_grad=True)
     assert [h['norm_cfg'] for h in out.model.heads] == [
-        dict(type='BN1d'), dict(type='BN'), dict(type='GN', num_groups=32)]
+        dict(type='BN1d'), dict(type='BN'), dict(type='GN', num_groups=32),
+        dict(type='BN', momentum=0.02)]
+    assert out.model.heads[3]['conv_cfg'] == dict(type='Conv2d')
     assert out.load_from is None and out.resume is False
