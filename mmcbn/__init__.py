@@ -3,7 +3,8 @@
 
 Importing mmcbn registers ``CBN``/``CBN1d``/``CBN2d``/``CBN3d`` and
 ``SyncCBN``/``SyncCBN1d``/``SyncCBN2d``/``SyncCBN3d`` in mmengine's root
-``MODELS`` registry and ``CBNHook`` in its root ``HOOKS`` registry, and
+``MODELS`` registry and ``CBNHook`` and ``PreciseStatsHook`` in its root
+``HOOKS`` registry, and
 allow-lists mmengine's checkpoint contents for torch's weights-only loader.
 """
 from .binding import check_autograd_introspection, find_producer
@@ -15,9 +16,10 @@ from .control import (binding_report, binding_summary, cbn_layers,
                       set_cbn_iteration,
                       window_statistics)
 from .health import (read_cbn_flags, read_cbn_health, set_cbn_monitor)
-from .hooks import CBNHook
+from .hooks import CBNHook, PreciseStatsHook
 from .sync_cbn import SyncCBN, SyncCBN1d, SyncCBN2d, SyncCBN3d
 from .optim import CPUAutocastOptimWrapper
+from .precise_stats import recompute_statistics
 from .version import __version__
 
 register_safe_globals()
@@ -31,5 +33,6 @@ __all__ = [
     'producer_parameters', 'window_statistics',
     'check_autograd_introspection', 'load_checkpoint_file',
     'register_safe_globals', 'CPUAutocastOptimWrapper', 'read_cbn_flags',
-    'read_cbn_health', 'set_cbn_monitor', '__version__'
+    'read_cbn_health', 'set_cbn_monitor', 'PreciseStatsHook',
+    'recompute_statistics', '__version__'
 ]
