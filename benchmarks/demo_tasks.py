@@ -59,7 +59,7 @@ import make_demo_data  # noqa: E402
 #: window gradient, the default). ``cbnu``: upstream-normalization
 #: compensation with batch running statistics, ``cbnuw`` with window running
 #: statistics (``compensate='upstream'``'s default).
-NORMS = ('bn', 'gn', 'cbnn', 'cbna', 'cbn', 'cbnw', 'cbnu', 'cbnuw')
+NORMS = ('bn', 'gn', 'mabn', 'cbnn', 'cbna', 'cbn', 'cbnw', 'cbnu', 'cbnuw')
 #: The CBN-config variants and the norm_cfg options each sets.
 CBN_VARIANTS = {
     'cbnw': ('running_stats_from=window', ),
@@ -174,31 +174,18 @@ def child_main(task: str, norm: str, seed: int, work_dir: str,
 
 
 def reestimate_norm_stats(model, loader) -> int:
-    """Replace the running statistics of every BN/CBN layer by the average
-    of their batch statistics over one pass of ``loader`` in train mode
-    (no grad; CBN layers as BN), i.e. "precise BN". Returns the number of
-    layers."""
-    import torch
-    from torch.nn.modules.batchnorm import _BatchNorm
+    """Replace the running statistics of every BN-style layer (BN, CBN,
+    MABN) by the exactly pooled statistics of one pass of ``loader`` in
+    train mode (:func:`mmcbn.precise_stats.recompute_statistics`, "precise
+    BN"). Returns the number of layers updated."""
+    from mmcbn.precise_stats import recompute_statistics
 
-    layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    saved = []
-    for m in layers:
-        saved.append((m.momentum, getattr(m, 'window', None)))
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-        if hasattr(m, 'window'):
-            m.window = 1
-    model.train()
-    with torch.no_grad():
-        for batch in loader:
-            model(**model.data_preprocessor(batch, True), mode='loss')
+    def forward(model, batch):
+        return model(**model.data_preprocessor(batch, True), mode='loss')
+
+    report = recompute_statistics(model, loader, forward=forward)
     model.eval()
-    for m, (momentum, window) in zip(layers, saved):
-        m.momentum = momentum
-        if window is not None:
-            m.window = window
-    return len(layers)
+    return len(report['updated'])
 
 
 def child_population(task: str, norm: str, seed: int, work_dir: str,
@@ -344,14 +331,16 @@ def summarize(runs: List[Dict], tasks, norms) -> Dict:
 
 
 #: Display names.
-NAMES = {'bn': 'BN', 'gn': 'GN', 'cbn': 'CBN', 'cbnw': 'CBN-w',
+NAMES = {'bn': 'BN', 'gn': 'GN', 'mabn': 'MABN', 'cbn': 'CBN',
+         'cbnw': 'CBN-w',
          'cbnn': 'naive CBN', 'cbna': "CBN, authors' backward",
          'cbnu': 'CBN-up', 'cbnuw': 'CBN-up-w'}
 #: The paired comparisons reported, (a, b): a minus b.
 PAIRS = (('cbn', 'bn'), ('cbn', 'gn'), ('cbnw', 'cbn'), ('cbnw', 'bn'),
          ('cbnn', 'bn'), ('cbn', 'cbnn'), ('cbn', 'cbna'), ('cbna', 'bn'),
          ('cbnu', 'cbn'), ('cbnu', 'bn'), ('cbnu', 'gn'), ('cbnuw', 'cbnw'),
-         ('cbnuw', 'bn'), ('cbnuw', 'gn'))
+         ('cbnuw', 'bn'), ('cbnuw', 'gn'), ('mabn', 'bn'), ('mabn', 'gn'),
+         ('cbn', 'mabn'), ('cbnuw', 'mabn'))
 
 
 def paired_differences(summary: Dict, tasks) -> Dict:
@@ -431,7 +420,8 @@ def plot(summary: Dict, tasks, norms, path: str) -> None:
     shown = [(task, m) for task in tasks for m in METRICS[task][:2]]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4))
     axes = [axes] if len(shown) == 1 else list(axes)
-    colors = {'bn': '#4c72b0', 'gn': '#55a868', 'cbn': '#c44e52',
+    colors = {'bn': '#4c72b0', 'gn': '#55a868', 'mabn': '#64b5cd',
+              'cbn': '#c44e52',
               'cbnw': '#dd8452', 'cbnn': '#8172b3', 'cbna': '#937860',
               'cbnu': '#da8bc3', 'cbnuw': '#8c8c8c'}
     for ax, (task, metric) in zip(axes, shown):
@@ -539,7 +529,7 @@ def main(argv=None) -> Dict:
             # GN has no statistics to re-estimate; CBN-w trains the very
             # weights CBN does (the option only changes the running stats);
             # naive CBN is left out to save machine time
-            pop_jobs = [j for j in jobs if j[1] in ('bn', 'cbn')]
+            pop_jobs = [j for j in jobs if j[1] in ('bn', 'mabn', 'cbn')]
             pops = pool.map(lambda j: launch(*j, args, population=True),
                             pop_jobs)
             for job, pop in zip(pop_jobs, pops):

@@ -187,7 +187,7 @@ def test_demo_tasks_quick_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, osp.join(ROOT, 'benchmarks', 'demo_tasks.py'),
          '--quick', '--out', str(out), '--work-dir', str(work), '--norms',
-         'bn', 'gn', 'cbn', 'cbnw', '--population'],
+         'bn', 'gn', 'mabn', 'cbn', 'cbnw', '--population'],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / 'demo_tasks_quick.png').stat().st_size > 1000
@@ -195,7 +195,8 @@ def test_demo_tasks_quick_smoke(tmp_path):
         data = json.load(f)
     assert data['benchmark'] == 'demo_tasks'
     runs = data['runs']
-    assert sorted(r['norm'] for r in runs) == ['bn', 'cbn', 'cbnw', 'gn']
+    assert sorted(r['norm'] for r in runs) == ['bn', 'cbn', 'cbnw', 'gn',
+                                               'mabn']
     for r in runs:
         assert r['task'] == 'seg' and r['seed'] == 0
         assert 0 <= r['metrics']['mIoU'] <= 100
@@ -226,9 +227,18 @@ def test_demo_tasks_quick_smoke(tmp_path):
     assert 'running_stats_from' not in (
         work / 'seg_cbn_seed0' / 'fcn_r18-d8_cbn_demo.py').read_text()
     assert set(data['summary']) == {'seg/bn', 'seg/gn', 'seg/cbn',
-                                    'seg/cbnw'}
-    # --population: the BN/CBN checkpoints tested again with statistics
-    # re-estimated on the 8 training images (GN has none to re-estimate)
+                                    'seg/cbnw', 'seg/mabn'}
+    # MABN's checkpoint: MABN's buffers and a ConvWC marker per norm (every
+    # conv with a norm is weight-centred), its running
+    # means still 0 (MABN normalizes without a mean)
+    mabn = mmcbn.load_checkpoint_file(
+        str(work / 'seg_mabn_seed0' / 'iter_6.pth'))['state_dict']
+    assert sum(k.endswith('.mabn_psi') for k in mabn) == 26
+    assert sum(k.endswith('.weight_centred') for k in mabn) == 26
+    assert all(not v.any() for k, v in mabn.items()
+               if k.endswith('running_mean'))
+    # --population: the BN/CBN/MABN checkpoints tested again with
+    # statistics re-estimated on the 8 training images (GN has none)
     for r in runs:
         if r['norm'] in ('gn', 'cbnw'):
             assert 'population' not in r
