@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 #: Autograd nodes between a parameter and the op that uses it: the cast
 #: autocast inserts and the transpose inside ``F.linear``.
@@ -252,11 +253,15 @@ class _ConvArgs:
 
 #: One-element tensors expanded to a weight's shape, by (shape, dtype,
 #: device): the weight argument of a weight-gradient call is read for its
-#: shape only.
+#: shape only. Real tensors only: a fake one (``FakeTensorMode``, as
+#: meta-init and export tools trace) belongs to its mode and would break a
+#: later real call or another mode's trace, so fakes get a fresh stand-in.
 _STAND_INS: Dict[tuple, Tensor] = {}
 
 
 def _stand_in(shape: Tuple[int, ...], like: Tensor) -> Tensor:
+    if type(like) is not Tensor and is_fake(like):
+        return like.new_zeros(1).expand(shape)
     key = (shape, like.dtype, like.device)
     dummy = _STAND_INS.get(key)
     if dummy is None:
