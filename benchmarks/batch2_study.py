@@ -19,7 +19,8 @@ Rows (batch 2 unless named; window 8 and burn-in 25% for CBN):
 - CBN-up-w (``compensate='upstream'``, window running statistics), with WC
   and WS;
 - the ceiling (the samples of the last 7 iterations re-run through the
-  current network with the current batch; BN over 16).
+  current network with the current batch; BN over 16), also behind WS and
+  WC convolutions.
 
 Every BN-style row is also scored with its running statistics re-estimated
 exactly (``mmcbn.precise_stats``): from the whole training set in one pass,
@@ -71,6 +72,12 @@ def methods():
         dict(cbn, name='CBN-up-w+WS b2', kwargs=up, conv='ws'),
         dict(name='ceiling b2', norm='bn', batch=2, kwargs={},
              ceiling=WINDOW),
+        # what a perfect compensation would give behind reparametrized
+        # convolutions: is BN over 16 images there above the peers?
+        dict(name='ceiling+WS b2', norm='bn', batch=2, kwargs={},
+             ceiling=WINDOW, conv='ws'),
+        dict(name='ceiling+WC b2', norm='bn', batch=2, kwargs={},
+             ceiling=WINDOW, conv='wc'),
     ]
     for spec in out:
         spec.setdefault('burnin', None)
@@ -101,9 +108,12 @@ def pairs(summary):
             ('CBN-up-w+WC b2', 'CBN-up-w b2'),
             ('CBN-up-w+WS b2', 'CBN-up-w b2'), ('GN+WS b2', 'GN b2'),
             ('GN+WC b2', 'GN b2'), ('MABN b2', 'GN b2'),
-            ('BN+WC b2', 'BN b2'), ('ceiling b2', 'GN b2')]
+            ('BN+WC b2', 'BN b2'), ('ceiling b2', 'GN b2'),
+            ('ceiling+WS b2', 'GN+WS b2'), ('ceiling+WC b2', 'GN+WC b2'),
+            ('ceiling+WS b2', 'ceiling b2')]
     peer = best_peer(summary)
-    for name in cbns + ['MABN b2', 'BN b32', 'ceiling b2']:
+    for name in cbns + ['MABN b2', 'BN b32', 'ceiling b2', 'ceiling+WS b2',
+                        'ceiling+WC b2']:
         if peer is not None:
             out.append((name, peer, 'accs_pop'))
         out.append((name, name, 'accs_pop', 'accs'))

@@ -226,6 +226,24 @@ def run_specs(quick=False):
                          running_stats_from='window'), burnin=0.25,
              data='digits'),
     ]
+    # the batch-2 peers and CBN with reparametrized convolutions (the photo
+    # study at tuned learning rates is benchmarks/batch2_study.py)
+    mabn = dict(buffer_size=16, sma_warmup=100, renorm_warmup=1000)
+    up_w = dict(window=8, compensate='upstream', running_stats_from='window')
+    s += [
+        dict(name='digits GN b2', norm='gn', batch=2, kwargs=dict(groups=8),
+             data='digits'),
+        dict(name='digits GN+WS b2', norm='gn', batch=2,
+             kwargs=dict(groups=8), conv='ws', data='digits'),
+        dict(name='digits GN+WC b2', norm='gn', batch=2,
+             kwargs=dict(groups=8), conv='wc', data='digits'),
+        dict(name='digits MABN b2', norm='mabn', batch=2, kwargs=mabn,
+             conv='wc', data='digits'),
+        dict(name='digits CBN+WS b2 k8', norm='cbn', batch=2,
+             kwargs=dict(window=8), burnin=0.25, conv='ws', data='digits'),
+        dict(name='digits CBN-up-w+WS b2 k8', norm='cbn', batch=2,
+             kwargs=up_w, burnin=0.25, conv='ws', data='digits'),
+    ]
     if quick:
         # cross-check: a burn-in longer than the schedule is BN throughout,
         # so this run must reproduce 'BN b2' (same seed) exactly
@@ -445,6 +463,7 @@ def summarize(results, specs):
             running_stats_from=spec['kwargs'].get('running_stats_from',
                                                   'batch'),
             burnin_fraction=spec['burnin'], burnin=rs[0]['burnin'],
+            conv=spec.get('conv'),
             iterations=rs[0]['iterations'], lr=rs[0]['lr'],
             acc_mean=m, acc_std=s, accs=accs, acc_pop_mean=pm,
             acc_pop_std=ps,
@@ -483,7 +502,14 @@ EXTRA_PAIRS = (
     ('digits CBN b2 k8', 'digits BN b32'),
     ('digits CBN-up b2 k8', 'digits CBN b2 k8'),
     ('digits CBN-up-w b2 k8', 'digits CBN b2 k8'),
-    ('digits CBN-up b2 k8', 'digits BN b32'))
+    ('digits CBN-up b2 k8', 'digits BN b32'),
+    ('digits GN+WS b2', 'digits GN b2'), ('digits GN+WC b2', 'digits GN b2'),
+    ('digits MABN b2', 'digits GN b2'),
+    ('digits CBN+WS b2 k8', 'digits CBN b2 k8'),
+    ('digits CBN-up-w+WS b2 k8', 'digits CBN-up-w b2 k8'),
+    ('digits CBN-up-w+WS b2 k8', 'digits GN+WS b2'),
+    ('digits CBN-up-w+WS b2 k8', 'digits MABN b2'),
+    ('digits CBN+WS b2 k8', 'digits MABN b2'))
 
 
 def comparisons(summary, specs):

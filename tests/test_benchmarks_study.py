@@ -65,6 +65,8 @@ def test_small_batch_photos_quick(quick_run):
     expected = {f'BN b{b}' for b in (2, 4, 8, 32)} | {
         'GN b2', 'GN b4', 'GN b32', 'digits BN b2', 'digits BN b32',
         'digits CBN b2 k8', 'digits CBN-up b2 k8', 'digits CBN-up-w b2 k8',
+        'digits GN b2', 'digits GN+WS b2', 'digits GN+WC b2',
+        'digits MABN b2', 'digits CBN+WS b2 k8', 'digits CBN-up-w+WS b2 k8',
         'CBN b2 k8 all burn-in'} | {
             f'{run} {tag}' for run in cbn_runs
             for tag in ('b2 k8', 'b4 k4')}
