@@ -20,7 +20,10 @@ Rows (batch 2 unless named; window 8 and burn-in 25% for CBN):
   and WS;
 - the ceiling (the samples of the last 7 iterations re-run through the
   current network with the current batch; BN over 16), also behind WS and
-  WC convolutions.
+  WC convolutions;
+- a probe (``sma_norm.py``): moving averages over 16 iterations of the
+  forward and backward statistics, centred or not (not centred is MABN
+  without its renormalization factor), no compensation.
 
 Every BN-style row is also scored with its running statistics re-estimated
 exactly (``mmcbn.precise_stats``): from the whole training set in one pass,
@@ -78,6 +81,13 @@ def methods():
              ceiling=WINDOW, conv='ws'),
         dict(name='ceiling+WC b2', norm='bn', batch=2, kwargs={},
              ceiling=WINDOW, conv='wc'),
+        # the probe (sma_norm.py): moving averages over 16 iterations of the
+        # forward and backward statistics, no compensation, centred or not
+        # (not centred: MABN without r)
+        dict(name='SMA-BN centred+WC b2', norm='sma', batch=2,
+             kwargs=dict(window=16, warmup=100, center=True), conv='wc'),
+        dict(name='SMA-BN uncentred+WC b2', norm='sma', batch=2,
+             kwargs=dict(window=16, warmup=100, center=False), conv='wc'),
     ]
     for spec in out:
         spec.setdefault('burnin', None)
@@ -110,7 +120,10 @@ def pairs(summary):
             ('GN+WC b2', 'GN b2'), ('MABN b2', 'GN b2'),
             ('BN+WC b2', 'BN b2'), ('ceiling b2', 'GN b2'),
             ('ceiling+WS b2', 'GN+WS b2'), ('ceiling+WC b2', 'GN+WC b2'),
-            ('ceiling+WS b2', 'ceiling b2')]
+            ('ceiling+WS b2', 'ceiling b2'),
+            ('SMA-BN uncentred+WC b2', 'SMA-BN centred+WC b2'),
+            ('MABN b2', 'SMA-BN uncentred+WC b2'),
+            ('CBN-up-w+WC b2', 'SMA-BN centred+WC b2')]
     peer = best_peer(summary)
     for name in cbns + ['MABN b2', 'BN b32', 'ceiling b2', 'ceiling+WS b2',
                         'ceiling+WC b2']:

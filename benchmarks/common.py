@@ -79,8 +79,8 @@ def load_digits_split(split_seed: int = 0, size: int = 16,
 
 # ---------------------------------------------------------------- norms
 def make_norm_factory(kind: str, **kwargs) -> Callable[[int], nn.Module]:
-    """``kind``: 'bn', 'gn' (``groups``), 'cbn' (CBN2d kwargs) or 'mabn'
-    (MABN2d kwargs)."""
+    """``kind``: 'bn', 'gn' (``groups``), 'cbn' (CBN2d kwargs), 'mabn'
+    (MABN2d kwargs) or 'sma' (the moving-average probe of ``sma_norm``)."""
     if kind == 'bn':
         return lambda c: nn.BatchNorm2d(c)
     if kind == 'gn':
@@ -90,6 +90,9 @@ def make_norm_factory(kind: str, **kwargs) -> Callable[[int], nn.Module]:
         return lambda c: CBN2d(c, **kwargs)
     if kind == 'mabn':
         return lambda c: MABN2d(c, **kwargs)
+    if kind == 'sma':
+        from sma_norm import sma_norm
+        return lambda c: sma_norm(c, **kwargs)
     raise ValueError(kind)
 
 

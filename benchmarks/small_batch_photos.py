@@ -368,7 +368,10 @@ def train_one(spec, seed, data, args, keep_model=False):
         conv_norm_end=norm_curve[-1][1],
         stem_norm_curve=[n[0] for n in norm_curve],
         conv_norm_curve=[n[1] for n in norm_curve],
-        burnin=kwargs.get('burnin', 0), seconds=seconds)
+        burnin=kwargs.get('burnin', 0), seconds=seconds,
+        layer_types=sorted({type(m).__name__ for m in model.modules()
+                            if isinstance(m, (nn.Conv2d, nn.GroupNorm,
+                                              nn.BatchNorm2d))}))
     if keep_model:
         result['model'] = model
     return result

@@ -208,3 +208,49 @@ def test_upstream_study_quick(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert len(open(work / 'runs.jsonl').readlines()) == len(lines)
+
+
+def test_batch2_study_quick(tmp_path):
+    """batch2_study.py --quick on some of its rows: each method tuned on
+    the validation split, run with its own layers (WS/WC convolutions,
+    MABN, the probe), scored also with re-estimated statistics, and the
+    paired comparisons against the strongest peer."""
+    import subprocess
+    import sys
+    env = dict(os.environ, MPLBACKEND='Agg', OMP_NUM_THREADS='1')
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    names = ['BN b2', 'GN b2', 'GN+WS b2', 'MABN b2', 'CBN+WC b2',
+             'ceiling+WS b2', 'SMA-BN uncentred+WC b2']
+    proc = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'batch2_study.py'),
+         '--quick', '--out', str(out), '--work-dir', str(work),
+         '--methods'] + names,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / 'batch2_study_quick.json') as f:
+        data = json.load(f)
+    assert list(data['summary']) == names
+    layers = {n: set(data['runs'][n][0]['layer_types']) for n in names}
+    assert layers['GN+WS b2'] == {'ConvWS2d', 'GroupNorm'}
+    assert layers['MABN b2'] == {'ConvWC', 'MABN2d'}
+    assert layers['CBN+WC b2'] == {'ConvWC', 'CBN2d'}
+    assert layers['ceiling+WS b2'] == {'ConvWS2d', 'BatchNorm2d'}
+    assert layers['SMA-BN uncentred+WC b2'] == {'ConvWC', 'SMASecondMoment2d'}
+    assert layers['BN b2'] == {'Conv2d', 'BatchNorm2d'}
+    for name in names:
+        scores = data['tuning'][name]
+        assert data['chosen'][name] == max(
+            (float(lr) for lr in scores), key=lambda lr: scores[str(lr)])
+        v = data['summary'][name]
+        assert finite(v['acc_pop_mean']) and finite(v['acc_precise_mean'])
+        if name.startswith('GN'):  # nothing to re-estimate
+            assert v['accs_pop'] == v['accs'] == v['accs_precise']
+    # the strongest peer is named in the re-estimated comparisons
+    peers = ('GN b2', 'GN+WS b2', 'MABN b2')
+    best = max(peers, key=lambda p: data['summary'][p]['acc_mean'])
+    assert f'CBN+WC b2 (re-estimated) - {best} (re-estimated)' in \
+        data['checks']
+    c = data['checks']['MABN b2 - GN b2']
+    assert c['per_seed'] == [a - b for a, b in zip(
+        data['summary']['MABN b2']['accs'], data['summary']['GN b2']['accs'])]
+    assert (out / 'batch2_study_quick.png').stat().st_size > 1000
