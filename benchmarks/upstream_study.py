@@ -152,11 +152,15 @@ def plot(summary, path, title):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, v in summary.items():
+    # distinct colours for up to 20 rows, then dashed lines
+    colors = plt.cm.tab20.colors
+    for i, (name, v) in enumerate(summary.items()):
+        style = dict(marker='.', label=name, color=colors[i % 20],
+                     linestyle='-' if i < 20 else '--')
         tenths = range(1, len(v['loss_curve']) + 1)
-        ax.plot(tenths, v['loss_curve'], marker='.', label=name)
+        ax.plot(tenths, v['loss_curve'], **style)
         bx.plot(range(len(v['stem_norm_curve'])), v['stem_norm_curve'],
-                marker='.', label=name)
+                **style)
     ax.set_xlabel('tenth of the schedule')
     ax.set_ylabel('mean training loss (seed mean)')
     ax.set_title(title, fontsize=9)
