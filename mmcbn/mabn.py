@@ -36,7 +36,7 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from .binding import in_backward
-from .functional import autocast_off, stats_dtype
+from .functional import autocast_off
 from .options import check_int, is_number
 
 #: State-dict key suffixes of MABN's moving-average buffers, which a stock

@@ -89,4 +89,3 @@ def exact_grad_without_mean(x, g, gamma, beta, eps):
         1, -1, 1, 1)
     dx, dgamma, dbeta = torch.autograd.grad(y, (x, gamma, beta), g.double())
     return y.detach(), dx, dgamma, dbeta
-
