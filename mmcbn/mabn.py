@@ -28,7 +28,7 @@ In eval mode MABN is BatchNorm with ``running_mean = 0``: same parameters,
 same BN buffers (the moving-average buffers ``mabn_chi``/``mabn_psi`` are
 extra), so :mod:`mmcbn.export` turns it into a stock BN layer exactly.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from .binding import in_backward
-from .functional import autocast_off
+from .functional import autocast_off, channel_view, reduce_dims
 from .options import check_int, is_number
 
 #: State-dict key suffixes of MABN's moving-average buffers, which a stock
@@ -52,19 +52,11 @@ def _check_mabn_args(eps, momentum, buffer_size, sma_warmup, renorm_warmup,
         raise ValueError('MABN momentum must be a number in (0, 1] '
                          f'(torch convention: 0.02 keeps 0.98), got '
                          f'{momentum!r}')
-    check_int('buffer_size', buffer_size, 1)
-    check_int('sma_warmup', sma_warmup, 0)
-    check_int('renorm_warmup', renorm_warmup, 0)
+    check_int('buffer_size', buffer_size, 1, 'MABN')
+    check_int('sma_warmup', sma_warmup, 0, 'MABN')
+    check_int('renorm_warmup', renorm_warmup, 0, 'MABN')
     if not is_number(r_max) or r_max < 1:
         raise ValueError(f'MABN r_max must be a number >= 1, got {r_max!r}')
-
-
-def _view(v: Tensor, x: Tensor) -> Tensor:
-    return v.view((1, -1) + (1, ) * (x.dim() - 2))
-
-
-def _dims(x: Tensor) -> Tuple[int, ...]:
-    return (0, ) + tuple(range(2, x.dim()))
 
 
 class _MABNFunction(torch.autograd.Function):
@@ -82,9 +74,9 @@ class _MABNFunction(torch.autograd.Function):
         gain = inv_std if r is None else inv_std * r
         if weight is not None:
             gain = gain * weight.to(dtype)
-        y = x.to(dtype) * _view(gain, x)
+        y = x.to(dtype) * channel_view(gain, x)
         if bias is not None:
-            y = y + _view(bias.to(dtype), x)
+            y = y + channel_view(bias.to(dtype), x)
         ctx.save_for_backward(x, weight)
         ctx.inv_std, ctx.r, ctx.psi_history = inv_std, r, psi_history
         ctx.slot, ctx.count, ctx.use_sma = slot, count, use_sma
@@ -96,19 +88,20 @@ class _MABNFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         inv_std, r = ctx.inv_std, ctx.r
         dtype = inv_std.dtype
-        dims = _dims(x)
+        dims = reduce_dims(x)
         with autocast_off(x.device.type):
             g = grad.to(dtype)
-            z = x.to(dtype) * _view(inv_std, x)
-            g_r = g if r is None else g * _view(r, x)
-            g_z = g_r if weight is None else g_r * _view(
+            z = x.to(dtype) * channel_view(inv_std, x)
+            g_r = g if r is None else g * channel_view(r, x)
+            g_z = g_r if weight is None else g_r * channel_view(
                 weight.to(dtype), x)
             psi = (g_z * z).mean(dims)
             history = ctx.psi_history
             history[ctx.slot].copy_(psi)
             psi_bar = (history[:ctx.count].sum(0) / ctx.count
                        if ctx.use_sma else psi)
-            dx = (g_z - z * _view(psi_bar, x)) * _view(inv_std, x)
+            dx = (g_z - z * channel_view(psi_bar, x)) * channel_view(
+                inv_std, x)
             dweight = None if weight is None or not ctx.needs_input_grad[1] \
                 else (g_r * z).sum(dims).to(weight.dtype)
             dbias = None if ctx.bias_dtype is None or \
@@ -207,7 +200,7 @@ class MABN2d(nn.BatchNorm2d):
         dtype = self.mabn_chi.dtype
         with torch.no_grad(), autocast_off(x.device.type):
             xs = x.detach().to(dtype)
-            chi = (xs * xs).mean(_dims(x))
+            chi = (xs * xs).mean(reduce_dims(x))
             self.mabn_chi[slot].copy_(chi)
             var = self.mabn_chi[:count].sum(0) / count if use_sma else chi
             inv_std = torch.rsqrt(var + self.eps)

@@ -4,11 +4,11 @@ import math
 
 import torch
 
-def check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int, owner: str = 'CBN') -> int:
     if isinstance(value, bool) or not isinstance(value, int) \
             or value < minimum:
         raise ValueError(
-            f'CBN {name} must be an integer >= {minimum}, got {value!r}')
+            f'{owner} {name} must be an integer >= {minimum}, got {value!r}')
     return value
 
 

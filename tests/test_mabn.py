@@ -277,7 +277,7 @@ def test_a_training_step_makes_no_host_synchronization():
     (dict(renorm_warmup=1.5), 'renorm_warmup'), (dict(r_max=0.5), 'r_max')
 ])
 def test_bad_arguments_name_the_value(kwargs, word):
-    with pytest.raises(ValueError, match=word):
+    with pytest.raises(ValueError, match=f'MABN {word}'):
         MABN2d(4, **kwargs)
 
 
