@@ -76,9 +76,14 @@ class Producer:
         index = 1 if type(self.node).__name__ == 'AddmmBackward0' else 0
         return self.node.next_functions[index][0]
 
-    def input_shape(self) -> Tuple[int, ...]:
-        """The shape of the producer's input."""
-        return tuple(self._input(None).shape)
+    def input_shape(self) -> Optional[Tuple[int, ...]]:
+        """The shape of the producer's input (None where autograd did not
+        save it: a frozen weight)."""
+        name = '_saved_input' if self.kind == 'conv' else (
+            '_saved_mat1' if hasattr(self.node, '_saved_mat1') else
+            '_saved_self')
+        saved = getattr(self.node, name, None)
+        return None if saved is None else tuple(saved.shape)
 
     def weight_value(self, dtype: torch.dtype) -> Tensor:
         """The weight the producer used (also a frozen one), detached."""
@@ -303,6 +308,8 @@ class BindingInfo:
     #: How many feeding norms were followed, and how many paths fell back.
     upstream_followed: int = 0
     upstream_fallbacks: int = 0
+    #: The paths not followed, one entry each (see :attr:`upstream`).
+    upstream_not_followed: Tuple[str, ...] = ()
 
 
 @dataclass
@@ -320,6 +327,9 @@ class Binding:
     reason: str = ''
     #: The norms feeding the producer (``compensate='upstream'``).
     feeding: Optional[object] = None
+    #: Values computed for this call and reused later in it (the fast
+    #: upstream form's squared weight), never kept across calls.
+    scratch: dict = field(default_factory=dict)
 
     @property
     def feed_token(self) -> Optional[tuple]:
@@ -352,6 +362,8 @@ class Binding:
             upstream_followed=0 if self.feeding is None else len(
                 self.feeding.paths),
             upstream_fallbacks=0 if self.feeding is None else len(
+                self.feeding.fallbacks),
+            upstream_not_followed=() if self.feeding is None else tuple(
                 self.feeding.fallbacks))
 
 

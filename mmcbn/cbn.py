@@ -25,13 +25,15 @@ from .calls import CallPositions
 from .functional import (WindowGrad, autocast_off, batch_stats, stats_dtype,
                          window_norm)
 from .health import DROPPED, NOT_STORED, NUM_FLAGS, observe
-from .options import STORE_DTYPES, check_bn_args, check_window_args
+from .options import (STORE_DTYPES, UPSTREAM_FEEDING, check_bn_args,
+                      check_window_args)
 from .running_stats import RunningStatistics
 from .schedule import WindowSchedule
 from .stats_source import LOCAL, StatsSource
 from .tracking import ProducerTracking
 from .upstream import (NormOutput, enable_marks, mark_output, upstream_now,
                        upstream_params)
+from .upstream_fast import squared_weight
 from .window import (WindowState, empty_history, make_record,
                      record_phase, window_grad_terms)
 
@@ -102,6 +104,18 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
             entries for naive CBN. ``compensate=False, window_grad=True``
             keeps the naive values but lets the gradient flow as if they
             were compensated (an ablation). Defaults to None.
+        upstream_form (str): How ``compensate='upstream'`` records and
+            applies its terms: ``'fast'``, vectors
+            (:mod:`mmcbn.upstream_fast`: the mean term exact for the
+            bilinear model, the variance term diagonal and calibrated), or
+            ``'exact'``, the first-order derivative matrices (two (C_out,
+            2, C_f) tensors per entry: several times the step and window
+            memory of a deep residual network); ``'mean'`` is the fast
+            form's mean term alone (an ablation). Defaults to 'fast'.
+        upstream_feeding (int, optional): Feeding norms followed per
+            producer input at most, nearest first (the others fall back).
+            None: 4 for the exact form, 8 for the fast one (a ResNet-50
+            stage's residual chain). Defaults to None.
     """
 
     _abbr_ = 'bn'
@@ -123,6 +137,8 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
                  moment_stride: int = 1,
                  store_dtype: Optional[str] = None,
                  window_grad: Optional[bool] = None,
+                 upstream_form: str = 'fast',
+                 upstream_feeding: Optional[int] = None,
                  device=None,
                  dtype=None) -> None:
         check_bn_args(eps, momentum, affine, track_running_stats)
@@ -134,7 +150,11 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
         self.window_grad = check_window_args(window, burnin, burnin_by_epoch,
                                              compensate, running_stats_from,
                                              moment_stride, store_dtype,
-                                             window_grad)
+                                             window_grad, upstream_form,
+                                             upstream_feeding)
+        self.upstream_form = upstream_form
+        self.upstream_feeding = UPSTREAM_FEEDING[upstream_form] if \
+            upstream_feeding is None else upstream_feeding
         self.moment_stride = moment_stride
         self.store_dtype = store_dtype
         self.burnin = burnin
@@ -311,13 +331,26 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
         use_comp = self.compensate and binding.status == 'bound' and \
             prod is not None
         feed = binding.feed_token
-        upstream = None if feed is None else upstream_now(
-            binding.feeding, lags)
+        upstream = None
+        if feed is not None:
+            upstream = upstream_now(binding.feeding, lags)
+            if self.upstream_form != 'exact':
+                upstream.weight = self._weight_now(prod)
+                upstream.groups = prod.groups
+                upstream.weight_sq = binding.scratch['weight_sq'] = \
+                    squared_weight(upstream.weight)
         return self._windows[position].compensated(
             iteration, lags, binding.key, prod.weight if use_comp else None,
             prod.bias if use_comp else None,
             cycle=iteration // self.cycle_length, upstream=upstream,
             feed=feed)
+
+    @staticmethod
+    def _weight_now(prod) -> Tensor:
+        """The producer's weight now, detached, at least float32."""
+        weight = prod.weight if prod.weight is not None else \
+            prod.weight_value(torch.float32)
+        return weight if weight.dtype == torch.float64 else weight.float()
 
     def _window_norm(self, x: Tensor, mean_t: Tensor, var_t: Tensor,
                      history, source: StatsSource,
@@ -351,9 +384,10 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
         weight = weight if weight is not None and weight.requires_grad \
             else None
         bias = bias if bias is not None and bias.requires_grad else None
-        upstream = ()
+        upstream, layout = (), ((), 1)
         if 'up_dgamma' in history.slots:
             upstream = tuple(upstream_params(binding.feeding))
+            layout = (binding.feeding.slices, prod.groups)
         if weight is None and bias is None and not upstream:
             return None
         slots, match, raw_mean = history.slots, history.match, \
@@ -364,7 +398,8 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
             return window_grad_terms(slots, match, lag_weight, lag_mean,
                                      lag_pos, raw_mean, mean_bar,
                                      need_weight, need_upstream,
-                                     need_bias=bias is not None)
+                                     need_bias=bias is not None,
+                                     up_layout=layout)
 
         return WindowGrad(weight, bias, terms, upstream)
 
@@ -378,7 +413,8 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
             for d in range(x.dim() - 2)) if stride > 1 else ()
         record = make_record(binding, x.detach().to(stats_dtype(x)), mean_t,
                              var_t, self.compensate, stride, phase,
-                             derivatives=self.window_grad)
+                             derivatives=self.window_grad,
+                             upstream_form=self.upstream_form)
         ok = self._windows[position].push(iteration, binding.key, record,
                                           x.numel() // x.shape[1],
                                           iteration // self.cycle_length,
@@ -411,6 +447,10 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
             extra.append(f'store_dtype={self.store_dtype!r}')
         if self.window_grad != bool(self.compensate):
             extra.append(f'window_grad={self.window_grad}')
+        if self.compensate == 'upstream':
+            extra.append(f'upstream_form={self.upstream_form!r}')
+            if self.upstream_feeding != UPSTREAM_FEEDING[self.upstream_form]:
+                extra.append(f'upstream_feeding={self.upstream_feeding}')
         return (f'{super().extra_repr()}, window={self.window}, '
                 f'burnin={self.burnin}{unit}, compensate={self.compensate!r}' +
                 ''.join(', ' + e for e in extra))

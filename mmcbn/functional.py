@@ -196,7 +196,7 @@ class WindowGrad(NamedTuple):
     terms: Callable
     #: Upstream compensation: the feeding norms' live ``(param, part,
     #: start, stop)`` (part 0: gamma, 1: beta; channels ``start:stop`` of
-    #: the terms' ``up_p``/``up_q``).
+    #: the terms' ``up_grad``).
     upstream: tuple = ()
 
 
@@ -338,12 +338,8 @@ def _window_param_grads(ctx, g_mean: Optional[Tensor],
     up_grads = ()
     if ctx.up_slices:
         up_grads = (None, ) * len(ctx.up_slices)
-        if terms.up_p is not None:
-            # dL/d[gamma_t; beta_t] of the feeding norms, (2, C_f)
-            # (element-wise products and a sum: no matmul that an autocast
-            # region around the backward would run in half precision)
-            grad_up = (g_mean.view(-1, 1, 1) * terms.up_p +
-                       g_var.view(-1, 1, 1) * terms.up_q).sum(0)
+        if terms.up_grad is not None:
+            grad_up = terms.up_grad(g_mean, g_var)  # (2, C_f)
             up_grads = tuple(
                 grad_up[part, start:stop].to(dtype) if need else None
                 for (part, start, stop, dtype), need in zip(

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+
 def check_int(name: str, value, minimum: int, owner: str = 'CBN') -> int:
     if isinstance(value, bool) or not isinstance(value, int) \
             or value < minimum:
@@ -28,6 +29,11 @@ def is_number(value) -> bool:
 COMPENSATIONS = (True, False, 'upstream')
 #: Accepted values of ``running_stats_from``.
 RUNNING_STATS_SOURCES = ('batch', 'window')
+#: Accepted values of ``upstream_form``.
+UPSTREAM_FORMS = ('exact', 'fast', 'mean')
+#: Feeding norms followed at most by default, per ``upstream_form`` (the
+#: fast form's terms are vectors: a ResNet-50 stage's whole residual chain).
+UPSTREAM_FEEDING = {'exact': 4, 'fast': 8, 'mean': 8}
 #: Accepted values of ``store_dtype`` (None: the statistics dtype).
 STORE_DTYPES = {None: None, 'bfloat16': torch.bfloat16,
                 'float16': torch.float16}
@@ -47,7 +53,8 @@ def check_bn_args(eps, momentum, affine, track_running_stats) -> None:
 
 def check_window_args(window, burnin, burnin_by_epoch, compensate,
                       running_stats_from, moment_stride, store_dtype,
-                      window_grad) -> bool:
+                      window_grad, upstream_form='fast',
+                      upstream_feeding=None) -> bool:
     """CBN's own arguments (see :class:`mmcbn.cbn._CrossIterationBatchNorm`).
 
     Returns:
@@ -77,6 +84,13 @@ def check_window_args(window, burnin, burnin_by_epoch, compensate,
         raise ValueError(
             'CBN store_dtype must be None, \'bfloat16\' or '
             f"'float16', got {store_dtype!r}")
+    if not isinstance(upstream_form, str) or \
+            upstream_form not in UPSTREAM_FORMS:
+        raise ValueError(
+            'CBN upstream_form must be one of '
+            f'{", ".join(map(repr, UPSTREAM_FORMS))}, got {upstream_form!r}')
+    if upstream_feeding is not None:
+        check_int('upstream_feeding', upstream_feeding, 1)
     if window_grad is not None and not isinstance(window_grad, bool):
         raise ValueError('CBN window_grad must be True, False or None, '
                          f'got {window_grad!r}')

@@ -11,7 +11,21 @@ import torch
 from torch import Tensor, nn
 
 from .binding import Binding, find_producer
-from .upstream import Feeding, find_feeding
+from .upstream_paths import Feeding, _layer_name, find_feeding
+
+
+def _full_width_only(feeding: Feeding, channels: int) -> None:
+    """The exact form's matrices span the producer's whole input: a norm
+    of a concatenated branch falls back there (the fast form follows
+    it)."""
+    narrow = [p for p in feeding.paths
+              if p.start or p.channels != channels]
+    if narrow:
+        feeding.paths = [p for p in feeding.paths if p not in narrow]
+        feeding.fallbacks += [
+            f'{_layer_name(p.source.layer)} (a concatenated branch: '
+            "upstream_form='fast' follows it)" for p in narrow]
+        feeding.complete = False
 
 
 class ProducerTracking:
@@ -27,12 +41,20 @@ class ProducerTracking:
         binding = find_producer(x)
         if self.compensate == 'upstream' and binding.status == 'bound':
             prod = binding.producer
-            if prod.groups != 1:
+            shape = prod.input_shape()
+            if prod.groups != 1 and self.upstream_form == 'exact':
                 binding.feeding = Feeding(
-                    [], [f'a grouped convolution (groups={prod.groups})'])
+                    [], [f'a grouped convolution (groups={prod.groups}: '
+                         "upstream_form='fast' follows it)"])
+            elif shape is None:
+                binding.feeding = Feeding(
+                    [], ['a frozen producer weight (its input is not '
+                         'saved)'])
             else:
-                binding.feeding = find_feeding(prod.input_node,
-                                               prod.input_shape())
+                binding.feeding = find_feeding(prod.input_node, shape,
+                                               self.upstream_feeding)
+                if self.upstream_form == 'exact':
+                    _full_width_only(binding.feeding, shape[1])
         self._adopt_after_copy(position, binding)
         info = self.bindings[position]
         if info is None or binding.feeding is not None or \

@@ -39,17 +39,16 @@ Every CBN call marks its output's autograd node with a :class:`NormOutput`
 it. No step converts a tensor to a Python value.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-#: Key of a CBN output's record in its autograd node's ``metadata``.
-_KEY = 'mmcbn.norm_output'
-#: At most this many feeding norms per producer input (nearest first);
-#: the others fall back (the residual chain of a deep stage reaches many
-#: norms through identity paths, each one more weight-gradient input).
-MAX_FEEDING = 4
+from .upstream_paths import (_KEY, MAX_FEEDING, Feeding,  # noqa: F401
+                             FeedPath, PathOp, _layer_name, directions,
+                             find_feeding, normalized_inputs)
+
 #: The clip of the scale ratio ``kappa``.
 KAPPA_RANGE = (0.5, 2.0)
 
@@ -103,128 +102,6 @@ def mark_output(y: Tensor, output_fn) -> None:
         y.grad_fn.metadata[_KEY] = output_fn()
 
 
-@dataclass
-class FeedPath:
-    """One feeding norm and the product of the ReLU gates on its path
-    (a bool tensor of the producer input's shape, None: no gate)."""
-
-    source: NormOutput
-    gate: Optional[Tensor] = field(default=None, repr=False)
-
-
-@dataclass
-class Feeding:
-    """The norms feeding a producer's input, and the paths not followed."""
-
-    paths: List[FeedPath]
-    fallbacks: List[str]
-    #: Every branch ended at a followed norm: the producer's input is
-    #: exactly ``sum_p a_p (gamma_p xhat_p + beta_p)``.
-    complete: bool = False
-
-    @property
-    def token(self) -> Optional[tuple]:
-        """The identity of the feeding set (None if empty): a window
-        recorded under another set does not apply."""
-        if not self.paths:
-            return None
-        return tuple(('cbn', id(p.source.layer), p.source.position,
-                      int(p.source.x.shape[1]), p.gate is not None)
-                     for p in self.paths)
-
-    def describe(self) -> str:
-        names = [_layer_name(p.source.layer) for p in self.paths]
-        text = ', '.join(names) if names else 'no feeding CBN'
-        if self.fallbacks:
-            text += ' | not followed: ' + ', '.join(self.fallbacks)
-        return text
-
-
-def _layer_name(layer) -> str:
-    return getattr(layer, 'cbn_name', None) or (
-        f'{type(layer).__name__}({layer.num_features})')
-
-
-def find_feeding(node, shape: Tuple[int, ...],
-                 limit: int = MAX_FEEDING) -> Feeding:
-    """Walk the autograd graph back from a producer's input node.
-
-    Follows ``ReluBackward0`` (collecting its gate), ``AddBackward0`` with
-    ``alpha == 1`` (both branches) and stops at a CBN output (a feeding
-    norm). Anything else, a CBN output of another shape, a norm reached
-    twice or more than ``limit`` norms is a fall-back (that path keeps
-    the producer-only compensation). A branch that needs no gradient is
-    constant (data): nothing to compensate.
-
-    Args:
-        node: The ``grad_fn`` of the producer's input (may be None).
-        shape (tuple[int]): The producer input's shape.
-        limit (int): Feeding norms followed at most.
-    """
-    paths: List[FeedPath] = []
-    fallbacks: List[str] = []
-    seen = set()
-    queue = [(node, None)]
-    constant = False
-    while queue:
-        node, gate = queue.pop(0)
-        if node is None:
-            constant = True
-            continue
-        output = node.metadata.get(_KEY)
-        if output is not None:
-            if tuple(output.x.shape) != tuple(shape):
-                fallbacks.append(f'{_layer_name(output.layer)} (shape)')
-            elif id(node) in seen:
-                fallbacks.append(f'{_layer_name(output.layer)} (reached '
-                                 'twice)')
-            elif len(paths) >= limit:
-                fallbacks.append(f'{_layer_name(output.layer)} (more than '
-                                 f'{limit} feeding norms)')
-            else:
-                seen.add(id(node))
-                paths.append(FeedPath(output, gate))
-            continue
-        name = type(node).__name__
-        if name == 'ReluBackward0':
-            try:
-                mask = node._saved_result > 0
-            except RuntimeError:  # modified in place since
-                fallbacks.append(name)
-                continue
-            if tuple(mask.shape) != tuple(shape):
-                fallbacks.append(f'{name} (shape)')
-                continue
-            queue.append((node.next_functions[0][0],
-                          mask if gate is None else gate & mask))
-        elif name == 'AddBackward0' and node._saved_alpha == 1:
-            queue.extend((nxt, gate) for nxt, _ in node.next_functions)
-        else:
-            fallbacks.append(name)
-    return Feeding(paths, fallbacks,
-                   bool(paths) and not fallbacks and not constant)
-
-
-def normalized_inputs(feeding: Feeding, dtype: torch.dtype) -> Tensor:
-    """``[a_1 xhat_1, ..., a_P xhat_P, a_1, ..., a_P]`` along channels:
-    the input the producer's statistics are linear in, per feeding norm's
-    gamma and beta (no grad)."""
-    scaled, gates = [], []
-    for path in feeding.paths:
-        src = path.source
-        shape = (1, -1) + (1, ) * (src.x.dim() - 2)
-        xhat = (src.x.detach().to(dtype) - src.mean.to(dtype).view(shape)) / \
-            src.std.to(dtype).view(shape)
-        if path.gate is None:
-            scaled.append(xhat)
-            gates.append(torch.ones_like(xhat))
-        else:
-            gate = path.gate.to(dtype)
-            scaled.append(xhat * gate)
-            gates.append(gate)
-    return torch.cat(scaled + gates, 1)
-
-
 def _affine(layer, channels: int, like: Tensor) -> Tuple[Tensor, Tensor]:
     """A norm layer's current (gamma, beta), detached (1, 0 if none)."""
     if layer.weight is None:
@@ -233,10 +110,18 @@ def _affine(layer, channels: int, like: Tensor) -> Tuple[Tensor, Tensor]:
             layer.bias.detach().to(like.dtype))
 
 
-def feeding_affine(feeding: Feeding, like: Tensor) -> Tuple[Tensor, Tensor]:
-    """The feeding norms' current (gamma, beta), each (P, C_in)."""
-    pairs = [_affine(p.source.layer, p.source.x.shape[1], like)
-             for p in feeding.paths]
+def feeding_affine(feeding: Feeding, like: Tensor,
+                   channels: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """The feeding norms' current (gamma, beta), each (P, C_in): a norm of
+    a concatenated branch has zeros outside its channels (``channels``:
+    the producer's input channels; default: the norms' own)."""
+    pairs = []
+    for p in feeding.paths:
+        gamma, beta = _affine(p.source.layer, p.channels, like)
+        if channels is not None and channels != p.channels:
+            pad = (p.start, channels - p.start - p.channels)
+            gamma, beta = F.pad(gamma, pad), F.pad(beta, pad)
+        pairs.append((gamma, beta))
     return (torch.stack([g for g, _ in pairs]),
             torch.stack([b for _, b in pairs]))
 
@@ -272,6 +157,13 @@ class Upstream:
     hist_mean: Tensor
     hist_var: Tensor
     hist_ok: Tensor
+    #: The producer's weight now, detached (the fast form applies its
+    #: terms with it), and :attr:`Feeding.slices`.
+    weight: Optional[Tensor] = None
+    slices: tuple = ()
+    groups: int = 1
+    #: ``mmcbn.upstream_fast.squared_weight(weight)`` (computed once).
+    weight_sq: Optional[Tensor] = None
 
 
 def upstream_now(feeding: Feeding, lags: int) -> Upstream:
@@ -301,7 +193,7 @@ def upstream_now(feeding: Feeding, lags: int) -> Upstream:
         h_ok.append(ok.unsqueeze(1).expand(lags, channels))
     return Upstream(gamma, beta, mean_t, std_t, torch.cat(epss),
                     torch.cat(h_mean, 1), torch.cat(h_var, 1),
-                    torch.cat(h_ok, 1))
+                    torch.cat(h_ok, 1), slices=feeding.slices)
 
 
 def _pad(head: Optional[Tensor], tail: Tensor) -> Tensor:

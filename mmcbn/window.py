@@ -37,7 +37,8 @@ record was finite stay on the device, so dropping an entry that is not
 finite is tensor arithmetic too.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import (Any, Callable, Dict, List, NamedTuple, Optional,
+                    Tuple)
 
 import torch
 from torch import Tensor
@@ -45,6 +46,7 @@ from torch import Tensor
 from .binding import Binding
 from .upstream import (Upstream, feeding_affine, feeding_state,
                        normalized_inputs, upstream_shift)
+from .upstream_fast import fast_grad, fast_record, fast_shift, matrix_grad
 
 #: Per-slot bookkeeping tensors (not records): the samples of the entry,
 #: 0 for a record that was not finite (stored as zeros, unusable).
@@ -80,6 +82,11 @@ class Record:
     up_hm: Optional[Tensor] = None
     up_hc: Optional[Tensor] = None
     up_state: Optional[Tensor] = None
+    #: ``upstream_form='fast'``: the vectors of :mod:`mmcbn.upstream_fast`
+    #: in place of ``up_hm``/``up_hc``.
+    up_pu: Optional[Tensor] = None
+    up_dv: Optional[Tensor] = None
+    up_rho: Optional[Tensor] = None
 
 
 #: Elements per chunk of a row-wise product (the temporary stays in cache;
@@ -263,10 +270,10 @@ class WindowGradTerms(NamedTuple):
     #: None where the producer has no trainable bias.
     bu: Optional[Tensor]
     bv: Optional[Tensor]
-    #: Upstream compensation: ``dL/d[gamma_t; beta_t] = gM . up_p + gV .
-    #: up_q`` over the output channels, both (C_out, 2, C_f).
-    up_p: Optional[Tensor] = None
-    up_q: Optional[Tensor] = None
+    #: Upstream compensation: ``dL/d[gamma_t; beta_t]`` of the feeding
+    #: norms, (2, C_f), as a function of ``(gM, gV)`` (run in the
+    #: backward pass; :mod:`mmcbn.upstream_fast`).
+    up_grad: Optional[Callable[[Tensor, Tensor], Tensor]] = None
 
 
 def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
@@ -274,7 +281,8 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
                       lag_raw_mean: Tensor, mean_bar: Tensor,
                       need_weight: bool,
                       need_upstream: bool = False,
-                      need_bias: bool = True) -> WindowGradTerms:
+                      need_bias: bool = True,
+                      up_layout: tuple = ((), 1)) -> WindowGradTerms:
     """Collect the window gradient of one call (method note, "Gradients",
     window rule) over the ring's slots, before the current record is
     written over one of them.
@@ -314,6 +322,8 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
             the slots hold them).
         need_bias (bool): Whether to build ``bu`` and ``bv`` (None
             otherwise: the producer has no trainable bias).
+        up_layout (tuple): The fast upstream form's ``(slices, groups)``
+            (:attr:`mmcbn.upstream.Feeding.slices`, the producer's groups).
     """
     dtype = lag_mean.dtype
     wd = (torch.where(lag_pos, lag_raw_mean, lag_mean) - mean_bar).mul_(
@@ -333,11 +343,17 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
         [lag_weight.unsqueeze(1), wd, lag_pos * lag_weight.unsqueeze(1)], 1)
     slot_w, slot_wd = coef[:, 0], coef[:, 1:1 + channels]
     slot_wpos = coef[:, 1 + channels:]
-    up_p = up_q = None
-    if need_upstream:
-        up_p, up_q = _upstream_terms(slots, slot_w, slot_wd, slot_wpos)
+    up_grad = None
+    if need_upstream and 'up_pu' in slots:
+        slices, groups = up_layout
+        up_grad = fast_grad(slots, slots['up_weight'], slices, slot_w,
+                            slot_wd, slot_wpos, groups,
+                            slots.get('up_weight_sq'))
+    elif need_upstream:
+        up_grad = matrix_grad(
+            *_upstream_terms(slots, slot_w, slot_wd, slot_wpos))
     if not need_weight:
-        return WindowGradTerms(None, None, bu, bv, up_p, up_q)
+        return WindowGradTerms(None, None, bu, bv, up_grad)
     pbar = slots['pbar'].to(dtype)
     groups = pbar.shape[1]
     u = torch.mv(pbar.reshape(pbar.shape[0], -1).t(), slot_w).reshape(
@@ -347,7 +363,7 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
         v = torch.addmm(v, slot_wd.t(), pbar[:, 0, :], alpha=2)
     else:
         v += _group_dot_t(2 * slot_wd, pbar)
-    return WindowGradTerms(u, v, bu, bv, up_p, up_q)
+    return WindowGradTerms(u, v, bu, bv, up_grad)
 
 
 def _upstream_terms(slots: Dict[str, Tensor], weight: Tensor, wd: Tensor,
@@ -396,7 +412,8 @@ def make_record(binding: Binding,
                 compensate: bool,
                 moment_stride: int = 1,
                 phase: Tuple[int, ...] = (),
-                derivatives: bool = False) -> Record:
+                derivatives: bool = False,
+                upstream_form: str = 'exact') -> Record:
     """Build the record of the current iteration (no grad).
 
     Args:
@@ -410,6 +427,9 @@ def make_record(binding: Binding,
         derivatives (bool): Record ``pbar`` and ``Gc`` even when not
             compensating (naive values with the window gradient, an
             ablation): the constants stay the raw statistics.
+        upstream_form (str): ``'exact'`` records the upstream derivative
+            matrices, ``'fast'`` the vectors of :mod:`mmcbn.upstream_fast`
+            (``'mean'``: its mean term only, an ablation).
     """
     prod = binding.producer
     if not (compensate or derivatives) or binding.status != 'bound':
@@ -418,16 +438,26 @@ def make_record(binding: Binding,
     record = Record(raw_mean=mean, raw_var=var, a_mean=mean, a_var=var)
     feeding = binding.feeding
     upstream = compensate and feeding is not None and feeding.paths
+    matrices = upstream and upstream_form == 'exact'
     fused = None
-    if prod.weight is not None and moment_stride == 1 and not upstream:
+    if prod.weight is not None and moment_stride == 1 and not matrices:
         fused = prod.mean_and_moment_grads(x, mean)
     centered = None if fused is not None else \
         x - mean.view((1, -1) + (1, ) * (x.dim() - 2))
     own = None
-    if upstream:
+    if upstream and not matrices:
+        fast = fast_record(
+            prod, feeding, x, var, with_var=upstream_form != 'mean',
+            affine=feeding_affine(feeding, mean, prod.input_shape()[1])
+            if feeding.complete else None,
+            weight_sq=binding.scratch.get('weight_sq'))
+        if fast is not None:
+            record.up_pu, record.up_dv, record.up_rho = fast
+            record.up_state = feeding_state(feeding, mean)
+    elif upstream:
         # the upstream derivatives; where the producer's input is made of
         # the feeding norms' outputs alone, they also give its own d nu/dW
-        u = normalized_inputs(feeding, dtype)
+        u = normalized_inputs(feeding, dtype, prod.input_shape()[1])
         affine = feeding_affine(feeding, mean) if feeding.complete and \
             prod.weight is not None else None
         hm, hc, own = prod.upstream_grads(u, x, centered, moment_stride,
@@ -500,7 +530,7 @@ class WindowState:
     """
 
     #: Records stored in ``store_dtype`` (the weight-sized ones).
-    _COMPRESSIBLE = ('var_grad', )
+    _COMPRESSIBLE = ('var_grad', 'up_hm', 'up_hc')
 
     def __init__(self, capacity: int,
                  store_dtype: Optional[torch.dtype] = None) -> None:
@@ -693,11 +723,20 @@ class WindowState:
         raw_mean = buf['raw_mean']
         moved = False
         slots = dict(buf)
-        if upstream is not None and 'up_hm' in buf:
+        if upstream is not None and 'up_state' in buf:
             shift, dgamma, dbeta = upstream_shift(buf['up_state'],
                                                   layout.match, upstream)
-            mean = mean + _block_dot(buf['up_hm'], shift)
-            var = var + _block_dot(buf['up_hc'], shift)
+            if 'up_pu' in buf:
+                d_mean, d_var = fast_shift(buf, shift, upstream.weight,
+                                           upstream.slices, upstream.groups,
+                                           upstream.weight_sq)
+                slots['up_weight'] = upstream.weight
+                if upstream.weight_sq is not None:
+                    slots['up_weight_sq'] = upstream.weight_sq
+            else:
+                d_mean = _block_dot(buf['up_hm'], shift)
+                d_var = _block_dot(buf['up_hc'], shift)
+            mean, var = mean + d_mean, var + d_var
             slots.update(up_dgamma=dgamma, up_dbeta=dbeta)
             moved = True
         if 'pbar' in buf and weight is not None:

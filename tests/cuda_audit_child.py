@@ -72,6 +72,19 @@ SCENARIOS = {
     # channels_last activations (the CUDA kernels' other layout)
     'cbn_w4_channels_last':
     dict(kw=_W4, channels_last=True),
+    # the upstream compensation (tests/test_gpu_model.py's UpstreamNet),
+    # both forms, with SyncCBN and under autocast
+    'cbn_w4_upstream':
+    dict(kw=dict(_W4, compensate='upstream', upstream_form='exact')),
+    'cbn_w4_upstream_fast':
+    dict(kw=dict(_W4, compensate='upstream', upstream_form='fast'),
+         monitor=True),
+    'sync_w4_upstream_fast':
+    dict(layer='sync', kw=dict(_W4, compensate='upstream',
+                               upstream_form='fast')),
+    'cbn_w4_upstream_fast_amp_bf16':
+    dict(kw=dict(_W4, compensate='upstream', upstream_form='fast'),
+         amp='bfloat16'),
     # the hook's way: iterations given, gradient accumulation over 2
     # micro-batches (entries of the same cycle used exactly), running
     # statistics from the window, cumulative average

@@ -18,7 +18,7 @@ from cuda_audit_child import EXTRA, MUTANTS, spec
 from fake_cuda import (CATEGORIES, CudaAudit, FakeCudaTensor, model_to_fake,
                        to_fake, unwrap)
 from mmcbn import CBN1d, CBN2d, SyncCBN1d, SyncCBN2d
-from test_gpu_model import Net  # the GPU-model tests' net
+from test_gpu_model import Net, UpstreamNet  # the GPU-model tests' nets
 
 #: Largest difference allowed between the CUDA and the CPU branch,
 #: relative to the largest value of the tensor compared.
@@ -39,7 +39,8 @@ def build(s):
     norm, norm1d = (CBN2d, CBN1d) if s['layer'] == 'cbn' else (SyncCBN2d,
                                                                SyncCBN1d)
     kw = s['kw']
-    net = Net(lambda c: norm(c, **kw), lambda c: norm1d(c, **kw))
+    net = UpstreamNet if _upstream(s) else Net
+    net = net(lambda c: norm(c, **kw), lambda c: norm1d(c, **kw))
     net = net.to(getattr(torch, s['dtype']))
     if s['channels_last']:
         net = net.to(memory_format=torch.channels_last)
@@ -204,12 +205,21 @@ def check_state(model, s):
     return problems
 
 
+def _upstream(s):
+    return s['kw'].get('compensate') == 'upstream'
+
+
 def check_setup(model, s):
     """The steps were CBN steps: every layer found its producer (the
-    frozen conv's is 'frozen') and holds a full window."""
+    frozen conv's is 'frozen') and holds a full window; with the upstream
+    compensation, n2 and n3 followed their feeding norms."""
     problems = []
     for name, layer in cbn_layers(model):
-        want = 'frozen' if name == 'n3' else 'bound'
+        want = 'frozen' if name == 'n3' and not _upstream(s) else 'bound'
+        followed = layer.bindings[0].upstream_followed if \
+            _upstream(s) and layer.bindings and layer.bindings[0] else 0
+        if _upstream(s) and name in ('n2', 'n3') and not followed:
+            problems.append(f'{name} followed no feeding norm')
         got = layer.bindings[0].status if layer.bindings and \
             layer.bindings[0] is not None else None
         if got != want:

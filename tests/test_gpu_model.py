@@ -39,6 +39,29 @@ class Net(nn.Module):
         return self.n4(self.fc(x.mean((2, 3))))
 
 
+class UpstreamNet(nn.Module):
+    """The upstream compensation's paths: n2 is fed by n1 through a
+    ReLU, n3 (a 1x1 conv with a stride) by n2 and n1 through a residual
+    add and two ReLUs, n4 (linear) by nothing it can follow (a mean)."""
+
+    def __init__(self, norm, norm1d):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.n1 = norm(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.n2 = norm(8)
+        self.c3 = nn.Conv2d(8, 8, 1, stride=2)
+        self.n3 = norm(8)
+        self.fc = nn.Linear(8, 6)
+        self.n4 = norm1d(6)
+
+    def forward(self, x):
+        h = F.relu(self.n1(self.c1(x)))
+        x = F.relu(self.n2(self.c2(h)) + h)
+        x = F.relu(self.n3(self.c3(x)))
+        return self.n4(self.fc(x.mean((2, 3))))
+
+
 def step(model, x, opt):
     out = model(x)
     loss = (out**2).mean() + out.mean()
@@ -51,7 +74,8 @@ def build(kind, **kw):
     torch.manual_seed(0)
     if kind == 'bn':
         return Net(nn.BatchNorm2d, nn.BatchNorm1d)
-    return Net(lambda c: CBN2d(c, **kw), lambda c: CBN1d(c, **kw))
+    net = UpstreamNet if kw.get('compensate') == 'upstream' else Net
+    return net(lambda c: CBN2d(c, **kw), lambda c: CBN1d(c, **kw))
 
 
 @pytest.mark.parametrize('kind,kw', [
@@ -65,6 +89,8 @@ def build(kind, **kw):
     ('cbn', dict(window=4, running_stats_from='window')),
     ('cbn', dict(window=4, momentum=None)),
     ('cbn', dict(window=4, moment_stride=2, store_dtype='bfloat16')),
+    ('cbn', dict(window=4, compensate='upstream', upstream_form='exact')),
+    ('cbn', dict(window=4, compensate='upstream', upstream_form='fast')),
 ])
 @pytest.mark.parametrize('hook', [False, True])
 def test_training_step_makes_no_host_synchronization(kind, kw, hook):
@@ -90,6 +116,9 @@ def test_training_step_makes_no_host_synchronization(kind, kw, hook):
         recorded = 12 - max(0, kw.get('burnin', 0) - capacity)
         assert model.n1.bindings[0].status == 'bound'
         assert len(model.n1._windows[0]) == max(0, min(capacity, recorded))
+    if kw.get('compensate') == 'upstream':  # the feeding norms followed
+        assert [model.n2.bindings[0].upstream_followed,
+                model.n3.bindings[0].upstream_followed] == [1, 2]
 
 
 def test_counter_sees_what_would_synchronize():

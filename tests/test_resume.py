@@ -99,7 +99,11 @@ CASES = {
                                             burnin_by_epoch=True)),
     # upstream compensation: conv2.bn's entries name conv1.bn as feeding
     'iter-upstream': (False, 12, 6, dict(type='CBN', window=3, burnin=2,
-                                         compensate='upstream')),
+                                         compensate='upstream',
+                                         upstream_form='exact')),
+    'iter-upstream-fast': (False, 12, 6, dict(
+        type='CBN', window=3, burnin=2, compensate='upstream',
+        upstream_form='fast')),
 }
 
 

@@ -27,6 +27,10 @@ CASES = [
     dict(batches=(3, 0), window=8),  # one process gets no sample at all
     dict(batches=(1, 3), window=4, burnin=3, running_stats_from='window',
          momentum=None),
+    # the upstream compensation (n2 is fed by n1 through a ReLU)
+    # (the fast form: tests/test_upstream_fast.py)
+    dict(batches=(1, 3), window=4, compensate='upstream',
+         upstream_form='exact'),
 ]
 
 
@@ -91,7 +95,9 @@ def two_process_results(tmp_path_factory):
 
 @pytest.mark.parametrize('index', range(len(CASES)),
                          ids=[f'{c["batches"]}-w{c["window"]}' +
-                              ('-burnin' if 'burnin' in c else '')
+                              ('-burnin' if 'burnin' in c else '') +
+                              ('-' + c.get('upstream_form', 'exact')
+                               if 'compensate' in c else '')
                               for c in CASES])
 def test_two_processes_equal_cbn_on_the_gathered_batch(
         two_process_results, index):

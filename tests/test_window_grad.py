@@ -298,10 +298,17 @@ SYNC_CASES = [
     dict(batches=(3, 0), window=4, window_grad=True),
     dict(batches=(2, 2), window=3, compensate=False, window_grad=True),
     # upstream compensation: n2's entries also follow n1's change
-    dict(batches=(1, 3), window=4, compensate='upstream', window_grad=True),
+    dict(batches=(1, 3), window=4, compensate='upstream', window_grad=True,
+         upstream_form='exact'),
     dict(batches=(3, 0), window=3, compensate='upstream',
-         window_grad=False),
+         window_grad=False, upstream_form='exact'),
+    # the fast form where one process holds the whole batch (elsewhere
+    # each process approximates about its own batch)
+    dict(batches=(3, 0), window=3, compensate='upstream', window_grad=True,
+         upstream_form='fast'),
 ]
+
+
 def _sync_worker(rank, world, out_dir):
     import os.path as osp
     from torch.nn.parallel import DistributedDataParallel as DDP
