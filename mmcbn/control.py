@@ -109,12 +109,70 @@ def binding_report(model: nn.Module) -> Dict[str, List[str]]:
     return report
 
 
+def fallback_reason(entry: str) -> str:
+    """The reason of one path not followed, without the layer's name:
+    ``'backbone.layer3.0.bn3 (more than 4 feeding norms)'`` -> ``'more
+    than 4 feeding norms'``; an autograd node's name stays as it is."""
+    head, sep, tail = entry.partition(' (')
+    if sep and tail.endswith(')') and ('.' in head or head.startswith(
+            ('CBN', 'SyncCBN'))):
+        return tail[:-1]
+    return entry
+
+
+def upstream_coverage(model: nn.Module) -> dict:
+    """What the upstream compensation follows in ``model`` (after a
+    training forward): the CBN layers asking for it, those whose producer
+    is fed by at least one followed norm, the feeding norms followed, and
+    the paths not followed counted by reason (host bookkeeping only).
+
+    Returns:
+        dict: ``layers``, ``fed``, ``followed``, ``fallbacks`` (reason ->
+        count) and ``fallback_layers`` (reason -> layer names).
+    """
+    out = dict(layers=0, fed=0, followed=0, fallbacks=Counter(),
+               fallback_layers={})
+    for name, layer in cbn_layers(model):
+        if getattr(layer, 'compensate', None) != 'upstream':
+            continue
+        seen = [b for b in layer.bindings if b is not None and
+                b.status == 'bound']
+        if not seen:
+            continue
+        out['layers'] += 1
+        out['fed'] += any(b.upstream_followed for b in seen)
+        for b in seen:
+            out['followed'] += b.upstream_followed
+            for entry in b.upstream_not_followed:
+                reason = fallback_reason(entry)
+                out['fallbacks'][reason] += 1
+                names = out['fallback_layers'].setdefault(reason, [])
+                if name not in names:
+                    names.append(name)
+    return out
+
+
+def coverage_text(coverage: dict) -> str:
+    """:func:`upstream_coverage` in one line."""
+    text = (f'upstream: {coverage["followed"]} feeding norms followed '
+            f'into {coverage["fed"]} of {coverage["layers"]} layers')
+    if coverage['fallbacks']:
+        parts = []
+        for reason, n in coverage['fallbacks'].most_common():
+            layers = coverage['fallback_layers'][reason]
+            more = ', ...' if len(layers) > 3 else ''
+            parts.append(f'{n} x {reason} ({", ".join(layers[:3])}{more})')
+        text += '; not followed: ' + '; '.join(parts)
+    else:
+        text += '; no path falls back'
+    return text
+
+
 def binding_summary(model: nn.Module) -> str:
     """One line on how the CBN layers of ``model`` were bound."""
     status = Counter()
     kinds = Counter()
-    fallbacks, up_fallbacks = [], []
-    followed = 0
+    fallbacks = []
     for name, layer in cbn_layers(model):
         seen = [b for b in layer.bindings if b is not None]
         if not seen and getattr(layer, '_compiled', False):
@@ -132,11 +190,6 @@ def binding_summary(model: nn.Module) -> str:
         status['frozen producer' if frozen else 'bound'] += 1
         for b in seen:
             kinds[b.description.split('(')[0]] += 1
-            followed += b.upstream_followed
-            if b.upstream_fallbacks:
-                up_fallbacks.append(f'{name} ({b.upstream.split(": ")[-1]})'
-                                    if 'not followed' in b.upstream else
-                                    name)
     total = sum(status.values())
     parts = [f'{n} {what}' for what, n in status.items()]
     line = f'CBN: {total} layers: ' + ', '.join(parts)
@@ -145,10 +198,9 @@ def binding_summary(model: nn.Module) -> str:
             f'{k} x{n}' for k, n in sorted(kinds.items()))
     if fallbacks:
         line += ' | fell back: ' + '; '.join(fallbacks)
-    if followed or up_fallbacks:
-        line += f' | upstream: {followed} feeding norms followed'
-        if up_fallbacks:
-            line += ', not followed in ' + '; '.join(up_fallbacks)
+    coverage = upstream_coverage(model)
+    if coverage['layers']:
+        line += ' | ' + coverage_text(coverage)
     return line
 
 
