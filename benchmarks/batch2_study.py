@@ -56,7 +56,7 @@ def methods():
     """The compared methods (``small_batch_photos`` run specs)."""
     cbn = dict(norm='cbn', batch=2, burnin=BURNIN)
     up = dict(window=WINDOW, compensate='upstream',
-              running_stats_from='window')
+              running_stats_from='window', upstream_form='exact')
     gn = dict(norm='gn', batch=2, kwargs=dict(groups=8))
     out = [
         dict(name='BN b2', norm='bn', batch=2, kwargs={}),

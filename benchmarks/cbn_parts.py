@@ -178,7 +178,11 @@ class PartProbe:
                  self._keep_upstream if cap else None),
                 (window_module, 'upstream_shift', None),
                 (window_module, '_block_dot', None),
-                (window_module, '_upstream_terms', None)):
+                (window_module, '_upstream_terms', None),
+                # upstream_form='fast' (timed in the step, not replayed)
+                (window_module, 'fast_record', None),
+                (window_module, 'fast_shift', None),
+                (window_module, 'fast_grad', None)):
             self._patch(owner, attr, self._timed(
                 f'upstream.{attr.lstrip("_")}', getattr(owner, attr), keep,
                 nested=True))
@@ -214,7 +218,8 @@ class PartProbe:
                  hist_var=hist_var.clone(), eps=eps))
 
     def _keep_record(self, binding, x, mean, var, compensate,
-                     moment_stride=1, phase=(), derivatives=False):
+                     moment_stride=1, phase=(), derivatives=False,
+                     upstream_form='exact'):
         prod = binding.producer
         if prod is not None and binding.status == 'bound':
             # the autograd node's saved input is freed by backward: keep it

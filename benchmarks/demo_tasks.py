@@ -65,8 +65,10 @@ CBN_VARIANTS = {
     'cbnw': ('running_stats_from=window', ),
     'cbnn': ('compensate=False', ),
     'cbna': ('window_grad=False', ),
-    'cbnu': ('compensate=upstream', 'running_stats_from=batch'),
-    'cbnuw': ('compensate=upstream', 'running_stats_from=window'),
+    'cbnu': ('compensate=upstream', 'running_stats_from=batch',
+             'upstream_form=exact'),
+    'cbnuw': ('compensate=upstream', 'running_stats_from=window',
+              'upstream_form=exact'),
 }
 #: Images per batch when statistics are re-estimated (``--population``).
 POPULATION_BATCH = 16

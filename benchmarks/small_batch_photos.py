@@ -219,17 +219,20 @@ def run_specs(quick=False):
         # learning rates is benchmarks/upstream_study.py)
         dict(name='digits CBN-up b2 k8', norm='cbn', batch=2,
              kwargs=dict(window=8, compensate='upstream',
-                         running_stats_from='batch'), burnin=0.25,
+                         running_stats_from='batch', upstream_form='exact'),
+             burnin=0.25,
              data='digits'),
         dict(name='digits CBN-up-w b2 k8', norm='cbn', batch=2,
              kwargs=dict(window=8, compensate='upstream',
-                         running_stats_from='window'), burnin=0.25,
+                         running_stats_from='window', upstream_form='exact'),
+             burnin=0.25,
              data='digits'),
     ]
     # the batch-2 peers and CBN with reparametrized convolutions (the photo
     # study at tuned learning rates is benchmarks/batch2_study.py)
     mabn = dict(buffer_size=16, sma_warmup=100, renorm_warmup=1000)
-    up_w = dict(window=8, compensate='upstream', running_stats_from='window')
+    up_w = dict(window=8, compensate='upstream', running_stats_from='window',
+                upstream_form='exact')
     s += [
         dict(name='digits GN b2', norm='gn', batch=2, kwargs=dict(groups=8),
              data='digits'),

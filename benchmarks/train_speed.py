@@ -70,7 +70,21 @@ NORMS = {
     'CBN w8 const. entries': dict(type='CBN', window=8, window_grad=False),
     # upstream-normalization compensation: its cost is the difference to
     # 'CBN w8' (and the 'upstream' part)
-    'CBN w8 upstream': dict(type='CBN', window=8, compensate='upstream'),
+    'CBN w8 upstream': dict(type='CBN', window=8, compensate='upstream',
+                            upstream_form='exact'),
+    # its levers (benchmarks/upstream_levers.py)
+    'CBN w8 upstream fast': dict(type='CBN', window=8, compensate='upstream',
+                                 upstream_form='fast'),
+    'CBN w8 upstream mean': dict(type='CBN', window=8, compensate='upstream',
+                                 upstream_form='mean'),
+    'CBN w8 upstream feed1': dict(type='CBN', window=8,
+                                  compensate='upstream', upstream_feeding=1,
+                                  upstream_form='exact'),
+    'CBN w8 upstream s2': dict(type='CBN', window=8, compensate='upstream',
+                               moment_stride=2, upstream_form='exact'),
+    'CBN w8 upstream bf16': dict(type='CBN', window=8, compensate='upstream',
+                                 store_dtype='bfloat16',
+                                 upstream_form='exact'),
     'authors w8': dict(type='AuthorsCBN', window=8),
     # the batch-2 peers that reparametrize the convolutions (CONV_CFGS)
     'MABN': dict(type='MABN'),

@@ -70,10 +70,11 @@ def methods():
              kwargs=dict(window=WINDOW, running_stats_from='window')),
         dict(cbn, name='CBN-up b2',
              kwargs=dict(window=WINDOW, compensate='upstream',
-                         running_stats_from='batch')),
+                         running_stats_from='batch', upstream_form='exact')),
         dict(cbn, name='CBN-up-w b2',
              kwargs=dict(window=WINDOW, compensate='upstream',
-                         running_stats_from='window')),
+                         running_stats_from='window',
+                         upstream_form='exact')),
         dict(name='ceiling b2', norm='bn', batch=2, kwargs={},
              ceiling=WINDOW),
     ]
@@ -212,7 +213,8 @@ def quick_settings(args):
 def tune_and_test(specs, args, name):
     """Tune every spec's base lr on the validation split (mean over
     ``--tune-seeds``; a spec's own ``lrs`` replace ``--lrs``), then run the
-    test seeds at the chosen rate. Finished runs are kept in
+    test seeds at the chosen rate (a spec with ``tune=False`` runs at
+    the first of its ``lrs``, untuned). Finished runs are kept in
     ``work_dirs/<name>/runs.jsonl`` (or ``--work-dir``).
 
     Returns:
@@ -233,6 +235,10 @@ def tune_and_test(specs, args, name):
             lrs = args.lrs
         if spec.get('ceiling') and args.ceiling_lr is not None:
             lrs = [args.ceiling_lr]
+        if not spec.get('tune', True):  # a given rate: no tuning runs
+            tuning[spec['name']] = {lrs[0]: float('nan')}
+            chosen[spec['name']] = lrs[0]
+            continue
         scores = {}
         for lr in lrs:
             accs = [run(spec, lr, 'val', s, data, args, finished,

@@ -254,3 +254,57 @@ def test_batch2_study_quick(tmp_path):
     assert c['per_seed'] == [a - b for a, b in zip(
         data['summary']['MABN b2']['accs'], data['summary']['GN b2']['accs'])]
     assert (out / 'batch2_study_quick.png').stat().st_size > 1000
+
+
+def test_upstream_levers_quick(tmp_path):
+    """upstream_levers.py --quick: the lever rows run untuned at the given
+    rate with their own options (no tuning runs), the tuned rows are
+    tuned, and each row is compared with CBN-w and the exact form."""
+    import subprocess
+    import sys
+    env = dict(os.environ, MPLBACKEND='Agg', OMP_NUM_THREADS='1')
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    names = ['CBN-w b2', 'CBN-up-w b2', 'CBN-up-w fast b2', 'CBN-up-w mean b2']
+    proc = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'upstream_levers.py'),
+         '--quick', '--out', str(out), '--work-dir', str(work),
+         '--methods'] + names,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / 'upstream_levers_quick.json') as f:
+        data = json.load(f)
+    assert list(data['summary']) == names
+    runs = [json.loads(line) for line in open(work / 'runs.jsonl')]
+    val = {r['name'] for r in runs if r['split'] == 'val'}
+    assert val == {'CBN-w b2', 'CBN-up-w b2'}  # the levers are not tuned
+    assert data['chosen']['CBN-up-w fast b2'] == 0.1
+    forms = {m['name']: m['kwargs'].get('upstream_form')
+             for m in data['methods']}
+    assert forms['CBN-up-w b2'] == 'exact'
+    assert forms['CBN-up-w fast b2'] == 'fast'
+    assert forms['CBN-up-w mean b2'] == 'mean'
+    assert 'CBN-up-w fast b2 - CBN-w b2' in data['checks']
+    assert 'CBN-up-w fast b2 - CBN-up-w b2' in data['checks']
+
+
+def test_upstream_error_quick(tmp_path):
+    """upstream_error.py --quick: the shadow fast records are compared
+    with the exact terms at every use, per layer; the fast mean term is
+    close to the matrices' (they differ by W_t - W_tau only), the fast
+    variance term is not the exact one but closer than none."""
+    import subprocess
+    import sys
+    env = dict(os.environ, MPLBACKEND='Agg', OMP_NUM_THREADS='1')
+    proc = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', 'upstream_error.py'),
+         '--quick', '--out', str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / 'upstream_error_quick.json') as f:
+        data = json.load(f)
+    total = data['errors']['all layers']
+    layers = [k for k in data['errors'] if k != 'all layers']
+    assert len(layers) >= 4 and total['uses'] == sum(
+        data['errors'][k]['uses'] for k in layers) > 0
+    assert 0 <= total['mean, vectors'] < 0.2
+    assert 0 < total['variance, calibrated diagonal'] < 1.0
