@@ -64,6 +64,7 @@ import mmcbn.binding as binding_module
 import mmcbn.cbn as cbn_module
 import mmcbn.functional as functional
 import mmcbn.tracking as tracking_module
+import mmcbn.compensation as comp_module
 import mmcbn.window as window_module
 from common import time_round_robin
 from mmcbn.binding import Binding, Producer, _conv_weight_grad
@@ -172,17 +173,17 @@ class PartProbe:
         self._patch(cbn_module, 'upstream_now',
                     self._timed('upstream.now', cbn_module.upstream_now))
         for owner, attr, keep in (
-                (window_module, 'normalized_inputs', None),
-                (window_module, 'feeding_state', None),
+                (comp_module, 'normalized_inputs', None),
+                (comp_module, 'feeding_state', None),
                 (Producer, 'upstream_grads',
                  self._keep_upstream if cap else None),
-                (window_module, 'upstream_shift', None),
-                (window_module, '_block_dot', None),
-                (window_module, '_upstream_terms', None),
+                (comp_module, 'upstream_shift', None),
+                (comp_module, '_block_dot', None),
+                (comp_module, '_upstream_terms', None),
                 # upstream_form='fast' (timed in the step, not replayed)
-                (window_module, 'fast_record', None),
-                (window_module, 'fast_shift', None),
-                (window_module, 'fast_grad', None)):
+                (comp_module, 'fast_record', None),
+                (comp_module, 'fast_shift', None),
+                (comp_module, 'fast_grad', None)):
             self._patch(owner, attr, self._timed(
                 f'upstream.{attr.lstrip("_")}', getattr(owner, attr), keep,
                 nested=True))
@@ -191,8 +192,8 @@ class PartProbe:
         for owner, attr in ((Producer, 'patch_mean'),
                             (Producer, 'moment_weight_grad'),
                             (binding_module, '_conv_weight_grad'),
-                            (window_module, '_row_dot'),
-                            (window_module, '_group_dot')):
+                            (comp_module, '_row_dot'),
+                            (comp_module, '_group_dot')):
             self._patch(owner, attr,
                         self._timed(attr.lstrip('_'), getattr(owner, attr),
                                     detail=True))
@@ -442,8 +443,8 @@ def replay_functions(probe, device):
     def window_gradient():
         # (without the upstream terms: they are the upstream part's)
         for c in wgrads:
-            window_module.window_grad_terms(c['slots'], *c['args'][:-1],
-                                            False)
+            comp_module.window_grad_terms(c['slots'], *c['args'][:-1],
+                                          False)
 
     def window_gradient_floor():
         for c in wgrads:
@@ -464,7 +465,7 @@ def replay_functions(probe, device):
         for c in wgrads:
             if c['args'][-1]:
                 args = c['args'][:-2] + (False, True)
-                window_module.window_grad_terms(c['slots'], *args)
+                comp_module.window_grad_terms(c['slots'], *args)
 
     def upstream_floor():
         for c in upstreams:

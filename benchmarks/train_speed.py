@@ -72,9 +72,18 @@ NORMS = {
     # 'CBN w8' (and the 'upstream' part)
     'CBN w8 upstream': dict(type='CBN', window=8, compensate='upstream',
                             upstream_form='exact'),
-    # its levers (benchmarks/upstream_levers.py)
+    # its fast form (what compensate='upstream' gives)
     'CBN w8 upstream fast': dict(type='CBN', window=8, compensate='upstream',
                                  upstream_form='fast'),
+    'authors w8': dict(type='AuthorsCBN', window=8),
+    # the batch-2 peers that reparametrize the convolutions (CONV_CFGS)
+    'MABN': dict(type='MABN'),
+    'GN+WS': dict(type='GN', num_groups=32),
+}
+#: The upstream compensation's levers (benchmarks/upstream_levers.py): run
+#: by name only (--variants), not by default (the exact ones take seconds
+#: per step).
+UPSTREAM_LEVERS = {
     'CBN w8 upstream mean': dict(type='CBN', window=8, compensate='upstream',
                                  upstream_form='mean'),
     'CBN w8 upstream feed1': dict(type='CBN', window=8,
@@ -85,10 +94,6 @@ NORMS = {
     'CBN w8 upstream bf16': dict(type='CBN', window=8, compensate='upstream',
                                  store_dtype='bfloat16',
                                  upstream_form='exact'),
-    'authors w8': dict(type='AuthorsCBN', window=8),
-    # the batch-2 peers that reparametrize the convolutions (CONV_CFGS)
-    'MABN': dict(type='MABN'),
-    'GN+WS': dict(type='GN', num_groups=32),
 }
 #: The conv layers of the variants that do not use plain convolutions:
 #: MABN behind weight-centred convolutions, GN behind weight-standardized.
@@ -103,6 +108,7 @@ for _window in (4, 8):
     for _name, _opts in FAST.items():
         NORMS[f'CBN w{_window} {_name}'] = dict(type='CBN', window=_window,
                                                 **_opts)
+NORMS.update(UPSTREAM_LEVERS)
 #: Detector variants: the config's norm (CBN k = 4 in FPN + 4conv1fc head),
 #: its BN/GN baselines, and the config with both fast options.
 DETECTOR = {
@@ -571,7 +577,8 @@ def main():
     load_before = load_average()
     started = time.time()
 
-    variants = list(NORMS) if args.variants is None else \
+    variants = [n for n in NORMS if n not in UPSTREAM_LEVERS] \
+        if args.variants is None else \
         ['BN'] + [v for v in args.variants if v != 'BN']
     models, steps = {}, {}
     for name in variants:

@@ -37,6 +37,7 @@ from small_batch_photos import (add_task_arguments, load_data,  # noqa: E402
 from upstream_study import BURNIN, WINDOW, quick_settings  # noqa: E402
 
 import mmcbn.cbn as cbn_module  # noqa: E402
+import mmcbn.compensation as comp_module  # noqa: E402
 import mmcbn.window as window_module  # noqa: E402
 from mmcbn.upstream import feeding_affine, upstream_shift  # noqa: E402
 from mmcbn.upstream_fast import fast_record, fast_shift  # noqa: E402
@@ -101,8 +102,8 @@ class Recorder:
         layout = state.layout(iteration, lags, cycle)
         used = layout.match.sum(0) > 0  # (S, ): slots in the window
         shift = upstream_shift(buf['up_state'], layout.match, upstream)[0]
-        exact_m = window_module._block_dot(buf['up_hm'], shift)[used]
-        exact_v = window_module._block_dot(buf['up_hc'], shift)[used]
+        exact_m = comp_module._block_dot(buf['up_hm'], shift)[used]
+        exact_v = comp_module._block_dot(buf['up_hc'], shift)[used]
         slots = dict(up_pu=buf['sh_pu'], up_dv=buf['sh_dv'],
                      up_rho=buf['sh_rho'])
         w = weight.to(shift.dtype)

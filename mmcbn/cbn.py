@@ -34,8 +34,8 @@ from .tracking import ProducerTracking
 from .upstream import (NormOutput, enable_marks, mark_output, upstream_now,
                        upstream_params)
 from .upstream_fast import squared_weight
-from .window import (WindowState, empty_history, make_record,
-                     record_phase, window_grad_terms)
+from .compensation import make_record, record_phase, window_grad_terms
+from .window import WindowState, empty_history
 
 
 class _CrossIterationBatchNorm(WindowSchedule, CallPositions,

@@ -187,7 +187,7 @@ class WindowGrad(NamedTuple):
 
     ``weight``/``bias`` are the producer's live parameters (None where
     frozen or absent); ``terms`` builds the closed form
-    (:class:`mmcbn.window.WindowGradTerms`) from the combined entries:
+    (:class:`mmcbn.compensation.WindowGradTerms`) from the combined entries:
     ``terms(lag_weight, lag_mean, lag_pos, mean_bar, need_weight)``.
     """
 

@@ -324,7 +324,7 @@ def fast_grad(slots: Dict[str, Tensor], weight: Tensor, slices,
     Slot ``s``'s mean moves with coefficient ``A[s, j] = w_s gM_j + 2 w_s
     d_s,j gV_j`` (the window mean and the squared mean shift in the
     variance) and its variance with ``B[s, j] = w_s [v_s >= 0] gV_j``
-    (:func:`mmcbn.window.window_grad_terms`). Through :func:`fast_shift`,
+    (:func:`mmcbn.compensation.window_grad_terms`). Through :func:`fast_shift`,
     with ``c(f)`` the producer channel of feeding channel ``f``::
 
         dL/d d[s, part, f] = sum_k (A W)[s, c(f), k] pu[s, part, f, k]

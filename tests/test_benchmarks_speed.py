@@ -24,7 +24,8 @@ def test_train_speed_quick_smoke(tmp_path):
     norms = [r['norm'] for r in result['resnet']]
     assert norms == ['BN', 'GN', 'CBN w1', 'CBN w2', 'CBN w4', 'CBN w8',
                      'CBN w16', 'CBN w8 const. entries', 'CBN w8 upstream',
-                     'authors w8', 'MABN', 'GN+WS'] + fast
+                     'CBN w8 upstream fast', 'authors w8', 'MABN',
+                     'GN+WS'] + fast
     rows = {r['norm']: r for r in result['resnet']}
     # the reparametrized peers ran with their own layers
     assert {'MABN2d', 'ConvWC'} <= set(rows['MABN']['layer_types'])
@@ -36,6 +37,12 @@ def test_train_speed_quick_smoke(tmp_path):
     assert 1.0 <= rows['CBN w8']['window_state_per_weight'] <= 1.05
     assert rows['authors w8']['window_state_per_weight'] >= 2.99
     assert rows['CBN w1']['window_state_mb'] == 0
+    # the upstream compensation's fast form keeps vectors, the exact one
+    # two matrices per feeding norm
+    up, fast = (rows[f'CBN w8 upstream{f}']['window_bytes']
+                for f in ('', ' fast'))
+    cbn = rows['CBN w8']['window_bytes']
+    assert cbn < fast < 1.1 * cbn < 1.5 * cbn < up
     assert rows['CBN w8']['peak_mb'] > 0
     # bfloat16 storage halves the stored d nu / dW and nothing else;
     # sub-sampling stores the same
@@ -83,6 +90,16 @@ def test_train_speed_quick_smoke(tmp_path):
                 upstream['upstream.upstream_shift'] > 0
             assert p['upstream_calls'] == upstream['upstream.upstream_grads']
             assert p['parts']['upstream']['cbn_ms'] > 0
+        elif norm == 'CBN w8 upstream fast':
+            # the fast form records and applies its vectors instead (timed
+            # in the step, not replayed)
+            assert upstream['upstream.bind'] == n
+            assert 0 < upstream['upstream.fast_record'] < n
+            assert upstream['upstream.fast_shift'] == \
+                upstream['upstream.upstream_shift'] > 0
+            assert 'upstream.upstream_grads' not in upstream
+            assert p['upstream_calls'] == 0
+            assert p['parts']['upstream']['in_step_ms'] > 0
         else:
             assert upstream == {} and p['upstream_calls'] == 0
         assert p['window_grad_calls'] == (n if window_grad else 0)

@@ -672,7 +672,7 @@ def test_window_norm_of_an_empty_history_is_batchnorm(monkeypatch):
 def test_window_products_match_einsum(monkeypatch, chunk, groups):
     """The chunked row products and the grouped dot products, in one piece
     and in chunks of output channels, against einsum."""
-    from mmcbn import window as W
+    from mmcbn import compensation as W
     monkeypatch.setattr(W, '_CHUNK_ELEMENTS', chunk)
     g = torch.Generator().manual_seed(4)
     s, c, length = 3, 6, 5

@@ -21,7 +21,7 @@ except ImportError:  # torch + mmengine only (the bare GPU check, docs/advanced_
     ConvWS2d = None
 from torch import nn
 
-import mmcbn.window
+import mmcbn.compensation
 from mmcbn import CBN1d, CBN2d, CBN3d
 from reference_cbn import ReferenceCBN
 
@@ -333,7 +333,7 @@ def test_chunked_row_dot_matches_reference(kind, chunk, monkeypatch):
     """The compensation's row-wise dot product in chunks of output channels
     (the path large layers take), forced with a tiny chunk size: one row
     per chunk (16 elements), or several rows in uneven chunks (300)."""
-    monkeypatch.setattr(mmcbn.window, '_CHUNK_ELEMENTS', chunk)
+    monkeypatch.setattr(mmcbn.compensation, '_CHUNK_ELEMENTS', chunk)
     chunked_sums = []
     real_sum = torch.sum
 
