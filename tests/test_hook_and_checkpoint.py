@@ -147,3 +147,16 @@ def test_hook_without_cbn_layers_warns(tmp_path, mmlogs):
 def test_hook_is_registered_in_root_hooks():
     from mmengine.registry import HOOKS
     assert HOOKS.get('CBNHook') is CBNHook
+
+
+def test_hook_logs_what_the_upstream_compensation_follows(tmp_path, mmlogs):
+    """With compensate='upstream', the binding summary the hook logs after
+    the first iteration says which feeding norms were followed (conv2's
+    norm is fed by conv1's through a ReLU) and that no path falls back."""
+    runner = make_runner(tmp_path, max_epochs=1, norm_cfg=dict(
+        type='CBN', window=3, burnin=1, compensate='upstream'))
+    runner.train()
+    summary = [m for m in mmlogs.messages if m.startswith('CBN: ')]
+    assert summary == [
+        'CBN: 2 layers: 2 bound | producers: Conv2d x2 | upstream: 1 '
+        'feeding norms followed into 1 of 2 layers; no path falls back']
