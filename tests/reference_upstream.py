@@ -158,3 +158,28 @@ class ReferenceUpstreamCBN(nn.Module):
               for f in self.feeds],
              self._params(False), count_of(x))]
         return y
+
+
+def compare_trajectories(ours, ref, shape, named_params, steps, optimizer,
+                         loss):
+    """SGD steps of two models on the same float64 batches: the outputs
+    (1e-9) and the gradients of ``named_params(ours, ref)`` (``(name, a,
+    b)``; 1e-7 relative) must agree at every step. ``optimizer(model)``
+    builds each model's optimizer, ``loss(y, target)`` the loss."""
+    gen = torch.Generator().manual_seed(1)
+    opt_a, opt_b = optimizer(ours), optimizer(ref)
+    for step in range(steps):
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * (
+            1 + step % 3)
+        ya, yb = ours(x), ref(x)
+        torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-9,
+                                   msg=f'output at step {step}')
+        target = torch.randn(ya.shape, generator=gen, dtype=torch.float64)
+        for y, opt in ((ya, opt_a), (yb, opt_b)):
+            opt.zero_grad()
+            loss(y, target).backward()
+        for name, a, b in named_params(ours, ref):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-9,
+                                       msg=f'{name}.grad at step {step}')
+        opt_a.step()
+        opt_b.step()

@@ -210,25 +210,30 @@ def test_upstream_study_quick(tmp_path):
     assert len(open(work / 'runs.jsonl').readlines()) == len(lines)
 
 
+def _quick_study(name, tmp_path, methods):
+    """Run ``benchmarks/<name>.py --quick`` on ``methods``; its JSON, out
+    and work dirs."""
+    import subprocess
+    env = dict(os.environ, MPLBACKEND='Agg', OMP_NUM_THREADS='1')
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    proc = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'benchmarks', f'{name}.py'),
+         '--quick', '--out', str(out), '--work-dir', str(work),
+         '--methods'] + methods,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / f'{name}_quick.json') as f:
+        return json.load(f), out, work
+
+
 def test_batch2_study_quick(tmp_path):
     """batch2_study.py --quick on some of its rows: each method tuned on
     the validation split, run with its own layers (WS/WC convolutions,
     MABN, the probe), scored also with re-estimated statistics, and the
     paired comparisons against the strongest peer."""
-    import subprocess
-    import sys
-    env = dict(os.environ, MPLBACKEND='Agg', OMP_NUM_THREADS='1')
-    out, work = tmp_path / 'out', tmp_path / 'work'
     names = ['BN b2', 'GN b2', 'GN+WS b2', 'MABN b2', 'CBN+WC b2',
              'ceiling+WS b2', 'SMA-BN uncentred+WC b2']
-    proc = subprocess.run(
-        [sys.executable, osp.join(ROOT, 'benchmarks', 'batch2_study.py'),
-         '--quick', '--out', str(out), '--work-dir', str(work),
-         '--methods'] + names,
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(out / 'batch2_study_quick.json') as f:
-        data = json.load(f)
+    data, out, _ = _quick_study('batch2_study', tmp_path, names)
     assert list(data['summary']) == names
     layers = {n: set(data['runs'][n][0]['layer_types']) for n in names}
     assert layers['GN+WS b2'] == {'ConvWS2d', 'GroupNorm'}
@@ -260,19 +265,8 @@ def test_upstream_levers_quick(tmp_path):
     """upstream_levers.py --quick: the lever rows run untuned at the given
     rate with their own options (no tuning runs), the tuned rows are
     tuned, and each row is compared with CBN-w and the exact form."""
-    import subprocess
-    import sys
-    env = dict(os.environ, MPLBACKEND='Agg', OMP_NUM_THREADS='1')
-    out, work = tmp_path / 'out', tmp_path / 'work'
     names = ['CBN-w b2', 'CBN-up-w b2', 'CBN-up-w fast b2', 'CBN-up-w mean b2']
-    proc = subprocess.run(
-        [sys.executable, osp.join(ROOT, 'benchmarks', 'upstream_levers.py'),
-         '--quick', '--out', str(out), '--work-dir', str(work),
-         '--methods'] + names,
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(out / 'upstream_levers_quick.json') as f:
-        data = json.load(f)
+    data, _, work = _quick_study('upstream_levers', tmp_path, names)
     assert list(data['summary']) == names
     runs = [json.loads(line) for line in open(work / 'runs.jsonl')]
     val = {r['name'] for r in runs if r['split'] == 'val'}

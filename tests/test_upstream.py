@@ -12,7 +12,7 @@ from torch import nn
 
 from mmcbn import CBN1d, CBN2d
 from reference_cbn import ReferenceCBN
-from reference_upstream import ReferenceUpstreamCBN
+from reference_upstream import ReferenceUpstreamCBN, compare_trajectories
 
 STEPS = 14
 
@@ -100,26 +100,10 @@ def _loss(y, target):
 
 
 def _train(ours, ref, shape, steps=STEPS, lr=0.2):
-    gen = torch.Generator().manual_seed(1)
-    opt_a = torch.optim.SGD(ours.parameters(), lr=lr, momentum=0.9)
-    opt_b = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.9)
-    for step in range(steps):
-        x = torch.randn(shape, generator=gen, dtype=torch.float64) * (
-            1 + step % 3)
-        target = torch.randn(shape[:1] + (5, ) + shape[2:], generator=gen,
-                             dtype=torch.float64)
-        ya, yb = ours(x), ref(x)
-        torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-9,
-                                   msg=f'output at step {step}')
-        for model, y, opt in ((ours, ya, opt_a), (ref, yb, opt_b)):
-            opt.zero_grad()
-            _loss(y, target).backward()
-        for name, a, b in _params(ours, ref):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-7,
-                                       atol=1e-9,
-                                       msg=f'{name}.grad at step {step}')
-        opt_a.step()
-        opt_b.step()
+    compare_trajectories(
+        ours, ref, shape, _params, steps,
+        lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
+        _loss)
 
 
 @pytest.mark.parametrize('window,burnin', [(3, 2), (4, 1)])

@@ -13,7 +13,7 @@ from torch import nn
 import mmcbn.window as window_module
 from mmcbn import CBN1d, CBN2d
 from reference_cbn import ReferenceCBN
-from reference_upstream import ReferenceUpstreamCBN
+from reference_upstream import ReferenceUpstreamCBN, compare_trajectories
 
 
 def _affine(aff, xhat):
@@ -93,26 +93,20 @@ def _sgd(chain_params, still, lr):
                            momentum=0.9)
 
 
+def _loss(y, target):
+    return ((y - target)**2).mean() + y.sin().mean()
+
+
 def _train(ours, ref, shape, steps=12, lr=0.2):
-    gen = torch.Generator().manual_seed(1)
-    opt_a = _sgd(ours.parameters(), ours.prod1.weight, lr)
-    opt_b = _sgd(ref.parameters(), ref.r1.producer.weight, lr)
-    for step in range(steps):
-        x = torch.randn(shape, generator=gen, dtype=torch.float64) * (
-            1 + step % 3)
-        target = torch.randn(shape[:1] + (4, ) + shape[2:], generator=gen,
-                             dtype=torch.float64)
-        ya, yb = ours(x), ref(x)
-        torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-9,
-                                   msg=f'output at step {step}')
-        for y, opt in ((ya, opt_a), (yb, opt_b)):
-            opt.zero_grad()
-            (((y - target)**2).mean() + y.sin().mean()).backward()
-        for index, (a, b) in enumerate(_pairs(ours, ref)):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-9,
-                                       msg=f'grad {index} at step {step}')
-        opt_a.step()
-        opt_b.step()
+    def still(model):  # (the producer weight of n1)
+        return model.prod1.weight if hasattr(model, 'prod1') else \
+            model.r1.producer.weight
+
+    compare_trajectories(
+        ours, ref, shape,
+        lambda a, b: [(str(i), p, q) for i, (p, q) in enumerate(
+            _pairs(a, b))], steps,
+        lambda m: _sgd(m.parameters(), still(m), lr), _loss)
 
 
 @pytest.mark.parametrize('linear,groups', [(True, 1), (False, 1),
@@ -426,23 +420,12 @@ def test_exact_form_follows_the_path_as_the_reference(kind):
     trajectory is the float64 reference's (a jvp through the frozen
     steps)."""
     ours, ref = _path_pair(kind, 'exact')
-    gen = torch.Generator().manual_seed(1)
-    opt_a = torch.optim.SGD(ours.parameters(), lr=0.2, momentum=0.9)
-    opt_b = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
-    for step in range(8):
-        x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
-        ya, yb = ours(x), ref(x)
-        torch.testing.assert_close(ya, yb, rtol=1e-9, atol=1e-9,
-                                   msg=f'output at step {step}')
-        target = torch.randn(ya.shape, generator=gen, dtype=torch.float64)
-        for y, opt in ((ya, opt_a), (yb, opt_b)):
-            opt.zero_grad()
-            (((y - target)**2).mean() + y.sin().mean()).backward()
-        for index, (a, b) in enumerate(_path_params(ours, ref)):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-9,
-                                       msg=f'grad {index} at step {step}')
-        opt_a.step()
-        opt_b.step()
+    compare_trajectories(
+        ours, ref, (2, 3, 6, 6),
+        lambda a, b: [(str(i), p, q) for i, (p, q) in enumerate(
+            _path_params(a, b))], 8,
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9),
+        _loss)
     info = ours.n_b.bindings[0]
     assert (info.upstream_followed, info.upstream_fallbacks) == (1, 0)
 
