@@ -169,7 +169,8 @@ MUTANTS = {
     'half_window_state':
     dict(
         base='cbn_w4',
-        edit=('window', 'make_record', '        weight = prod.weight.to(dtype)',
+        edit=('compensation', 'make_record',
+              '        weight = prod.weight.to(dtype)',
               '        weight = prod.weight.to(dtype)\n'
               '        record.up_state = mean.half()'),
         expect=('state', )),
