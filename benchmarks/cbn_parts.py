@@ -272,10 +272,12 @@ class PartProbe:
                     lag_raw_mean, mean_bar, need_weight, need_upstream=False,
                     **kwargs):
         # the ring's buffers are written over by the step's push: copy
+        # (the fast upstream form's terms also need the call's Upstream)
         self.wgrads.append(
             dict(slots={k: v.clone() for k, v in slots.items()},
                  args=(match, lag_weight, lag_mean, lag_pos, lag_raw_mean,
-                       mean_bar, need_weight, need_upstream)))
+                       mean_bar, need_weight, need_upstream),
+                 upstream=kwargs.get('upstream')))
 
     # -------------------------------------------------------------- totals
     def step_parts(self):
@@ -465,7 +467,8 @@ def replay_functions(probe, device):
         for c in wgrads:
             if c['args'][-1]:
                 args = c['args'][:-2] + (False, True)
-                comp_module.window_grad_terms(c['slots'], *args)
+                comp_module.window_grad_terms(c['slots'], *args,
+                                              upstream=c['upstream'])
 
     def upstream_floor():
         for c in upstreams:

@@ -23,6 +23,7 @@ channels and steps, per layer and over all layers::
 
 Writes ``upstream_error.json`` into ``--out``.
 """
+import dataclasses
 import os.path as osp
 import sys
 from collections import defaultdict
@@ -40,7 +41,8 @@ import mmcbn.cbn as cbn_module  # noqa: E402
 import mmcbn.compensation as comp_module  # noqa: E402
 import mmcbn.window as window_module  # noqa: E402
 from mmcbn.upstream import feeding_affine, upstream_shift  # noqa: E402
-from mmcbn.upstream_fast import fast_record, fast_shift  # noqa: E402
+from mmcbn.upstream_fast import (fast_record, fast_shift,  # noqa: E402
+                                 squared_weight)
 
 #: CBN-up-w's tuned base learning rate (batch2_study, AMD EPYC).
 LR = 0.1
@@ -107,10 +109,11 @@ class Recorder:
         slots = dict(up_pu=buf['sh_pu'], up_dv=buf['sh_dv'],
                      up_rho=buf['sh_rho'])
         w = weight.to(shift.dtype)
-        fast_m, fast_v = (t[used] for t in fast_shift(
-            slots, shift, w, upstream.slices))
+        now = dataclasses.replace(upstream, weight=w,
+                                  weight_sq=squared_weight(w))
+        fast_m, fast_v = (t[used] for t in fast_shift(slots, shift, now))
         plain_v = fast_shift(dict(slots, up_rho=torch.ones_like(
-            buf['sh_rho'])), shift, w, upstream.slices)[1][used]
+            buf['sh_rho'])), shift, now)[1][used]
         name = self.layer_of.setdefault(
             id(state), 'layer %d' % len(self.layer_of))
         sums = self.sums[name]

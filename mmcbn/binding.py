@@ -63,11 +63,35 @@ class Producer:
     def trainable(self) -> bool:
         return self.weight is not None or self.bias is not None
 
-    def _input(self, dtype: Optional[torch.dtype]) -> Tensor:
+    @property
+    def pixel_patch(self) -> bool:
+        """Whether an input patch is one input pixel (a linear layer, a
+        1x1 convolution without padding): patch means are channel means
+        over the pixels the stride reads (:meth:`read_pixels`)."""
+        if self.kind != 'conv':
+            return True
+        kernel = self.node._saved_weight.shape[2:]
+        return all(k == 1 for k in kernel) and not any(self.padding)
+
+    def read_pixels(self, t: Tensor) -> Tensor:
+        """The pixels of a producer-input-shaped ``t`` that a
+        :attr:`pixel_patch` convolution reads (its stride); ``t`` itself
+        otherwise."""
+        if self.kind != 'conv' or not self.pixel_patch:
+            return t
+        return t[(slice(None), slice(None)) +
+                 tuple(slice(None, None, s) for s in self.stride)]
+
+    def saved_input(self) -> Optional[Tensor]:
+        """The input autograd saved for the producer's backward (None
+        where it saved none: a frozen weight), not detached."""
         name = '_saved_input' if self.kind == 'conv' else (
             '_saved_mat1' if hasattr(self.node, '_saved_mat1') else
             '_saved_self')
-        saved = getattr(self.node, name).detach()
+        return getattr(self.node, name, None)
+
+    def _input(self, dtype: Optional[torch.dtype]) -> Tensor:
+        saved = self.saved_input().detach()
         return saved if dtype is None else saved.to(dtype)
 
     @property
@@ -79,10 +103,7 @@ class Producer:
     def input_shape(self) -> Optional[Tuple[int, ...]]:
         """The shape of the producer's input (None where autograd did not
         save it: a frozen weight)."""
-        name = '_saved_input' if self.kind == 'conv' else (
-            '_saved_mat1' if hasattr(self.node, '_saved_mat1') else
-            '_saved_self')
-        saved = getattr(self.node, name, None)
+        saved = self.saved_input()
         return None if saved is None else tuple(saved.shape)
 
     def weight_value(self, dtype: torch.dtype) -> Tensor:
@@ -105,10 +126,9 @@ class Producer:
             return inp.mean(0, keepdim=True)
         m = x.numel() // x.shape[1]
         kernel = self.node._saved_weight.shape[2:]
-        if all(k == 1 for k in kernel) and not any(self.padding):
+        if self.pixel_patch:
             # 1x1 kernel: the patch is the (strided) input pixel itself
-            pixels = inp[(slice(None), slice(None)) +
-                         tuple(slice(None, None, s) for s in self.stride)]
+            pixels = self.read_pixels(inp)
             return pixels.mean((0, ) + tuple(range(2, inp.dim()))).reshape(
                 self.groups, -1)
         # The patch mean is linear in the input: sum the batch first.
@@ -139,8 +159,7 @@ class Producer:
         if self.kind != 'conv' or self.groups != 1:
             return None
         saved = self.node._saved_weight
-        kernel = saved.shape[2:]
-        if all(k == 1 for k in kernel) and not any(self.padding):
+        if self.pixel_patch:
             return None
         inp = self._input(x.dtype)
         channels = x.shape[1]
@@ -327,9 +346,10 @@ class Binding:
     reason: str = ''
     #: The norms feeding the producer (``compensate='upstream'``).
     feeding: Optional[object] = None
-    #: Values computed for this call and reused later in it (the fast
-    #: upstream form's squared weight), never kept across calls.
-    scratch: dict = field(default_factory=dict)
+    #: The feeding norms' state at this call (an
+    #: :class:`mmcbn.upstream.Upstream`, set where the history is
+    #: compensated; the record and the window gradient reuse it).
+    upstream_now: Optional[object] = None
 
     @property
     def feed_token(self) -> Optional[tuple]:

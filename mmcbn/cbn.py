@@ -333,12 +333,12 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
         feed = binding.feed_token
         upstream = None
         if feed is not None:
-            upstream = upstream_now(binding.feeding, lags)
+            upstream = binding.upstream_now = upstream_now(binding.feeding,
+                                                           lags)
             if self.upstream_form != 'exact':
                 upstream.weight = self._weight_now(prod)
+                upstream.weight_sq = squared_weight(upstream.weight)
                 upstream.groups = prod.groups
-                upstream.weight_sq = binding.scratch['weight_sq'] = \
-                    squared_weight(upstream.weight)
         return self._windows[position].compensated(
             iteration, lags, binding.key, prod.weight if use_comp else None,
             prod.bias if use_comp else None,
@@ -384,10 +384,9 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
         weight = weight if weight is not None and weight.requires_grad \
             else None
         bias = bias if bias is not None and bias.requires_grad else None
-        upstream, layout = (), ((), 1)
+        upstream = ()
         if 'up_dgamma' in history.slots:
             upstream = tuple(upstream_params(binding.feeding))
-            layout = (binding.feeding.slices, prod.groups)
         if weight is None and bias is None and not upstream:
             return None
         slots, match, raw_mean = history.slots, history.match, \
@@ -399,7 +398,7 @@ class _CrossIterationBatchNorm(WindowSchedule, CallPositions,
                                      lag_pos, raw_mean, mean_bar,
                                      need_weight, need_upstream,
                                      need_bias=bias is not None,
-                                     up_layout=layout)
+                                     upstream=binding.upstream_now)
 
         return WindowGrad(weight, bias, terms, upstream)
 

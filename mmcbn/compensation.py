@@ -217,7 +217,8 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
                       need_weight: bool,
                       need_upstream: bool = False,
                       need_bias: bool = True,
-                      up_layout: tuple = ((), 1)) -> WindowGradTerms:
+                      upstream: Optional[Upstream] = None
+                      ) -> WindowGradTerms:
     """Collect the window gradient of one call (method note, "Gradients",
     window rule) over the ring's slots, before the current record is
     written over one of them.
@@ -257,8 +258,8 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
             the slots hold them).
         need_bias (bool): Whether to build ``bu`` and ``bv`` (None
             otherwise: the producer has no trainable bias).
-        up_layout (tuple): The fast upstream form's ``(slices, groups)``
-            (:attr:`mmcbn.upstream.Feeding.slices`, the producer's groups).
+        upstream (Upstream, optional): The feeding norms at this call
+            (what the fast upstream form's terms are applied with).
     """
     dtype = lag_mean.dtype
     wd = (torch.where(lag_pos, lag_raw_mean, lag_mean) - mean_bar).mul_(
@@ -280,10 +281,7 @@ def window_grad_terms(slots: Dict[str, Tensor], match: Tensor,
     slot_wpos = coef[:, 1 + channels:]
     up_grad = None
     if need_upstream and 'up_pu' in slots:
-        slices, groups = up_layout
-        up_grad = fast_grad(slots, slots['up_weight'], slices, slot_w,
-                            slot_wd, slot_wpos, groups,
-                            slots.get('up_weight_sq'))
+        up_grad = fast_grad(slots, upstream, slot_w, slot_wd, slot_wpos)
     elif need_upstream:
         up_grad = matrix_grad(
             *_upstream_terms(slots, slot_w, slot_wd, slot_wpos))
@@ -385,7 +383,8 @@ def make_record(binding: Binding,
             prod, feeding, x, var, with_var=upstream_form != 'mean',
             affine=feeding_affine(feeding, mean, prod.input_shape()[1])
             if feeding.complete else None,
-            weight_sq=binding.scratch.get('weight_sq'))
+            weight_sq=None if binding.upstream_now is None else
+            binding.upstream_now.weight_sq)
         if fast is not None:
             record.up_pu, record.up_dv, record.up_rho = fast
             record.up_state = feeding_state(feeding, mean)
@@ -451,12 +450,7 @@ def compensate_slots(buf: Dict[str, Tensor], layout,
         shift, dgamma, dbeta = upstream_shift(buf['up_state'],
                                               layout.match, upstream)
         if 'up_pu' in buf:
-            d_mean, d_var = fast_shift(buf, shift, upstream.weight,
-                                       upstream.slices, upstream.groups,
-                                       upstream.weight_sq)
-            slots['up_weight'] = upstream.weight
-            if upstream.weight_sq is not None:
-                slots['up_weight_sq'] = upstream.weight_sq
+            d_mean, d_var = fast_shift(buf, shift, upstream)
         else:
             d_mean = _block_dot(buf['up_hm'], shift)
             d_var = _block_dot(buf['up_hc'], shift)

@@ -157,13 +157,13 @@ class Upstream:
     hist_mean: Tensor
     hist_var: Tensor
     hist_ok: Tensor
-    #: The producer's weight now, detached (the fast form applies its
-    #: terms with it), and :attr:`Feeding.slices`.
-    weight: Optional[Tensor] = None
+    #: :attr:`Feeding.slices`, and what the fast form applies its terms
+    #: with (set by the layer for it, once per call): the producer's
+    #: weight now (detached), its ``squared_weight`` and groups.
     slices: tuple = ()
-    groups: int = 1
-    #: ``mmcbn.upstream_fast.squared_weight(weight)`` (computed once).
+    weight: Optional[Tensor] = None
     weight_sq: Optional[Tensor] = None
+    groups: int = 1
 
 
 def upstream_now(feeding: Feeding, lags: int) -> Upstream:

@@ -96,28 +96,13 @@ def _grouped_product_t(coef: Tensor, w: Tensor, groups: int) -> Tensor:
     return out.reshape(slots_n, w.shape[1] * groups, -1)
 
 
-def _read_pixels(prod, t: Tensor) -> Tensor:
-    """The pixels of a producer-input-shaped ``t`` that a 1x1 convolution
-    without padding reads (its stride); all pixels otherwise."""
-    if prod.kind != 'conv':
-        return t
-    kernel = prod.node._saved_weight.shape[2:]
-    if all(k == 1 for k in kernel) and not any(prod.padding):
-        return t[(slice(None), slice(None)) +
-                 tuple(slice(None, None, s) for s in prod.stride)]
-    return t
-
-
 def _producer_input(prod, feeding, dtype: torch.dtype,
                     affine: Optional[Tuple[Tensor, Tensor]]
                     ) -> Optional[Tensor]:
     """The producer's input: saved by autograd, or (a frozen weight does
     not save it) ``sum_p L_p(gamma_p xhat_p + beta_p)`` where the feeding
     norms make it alone (``affine``); None if neither."""
-    name = '_saved_input' if prod.kind == 'conv' else (
-        '_saved_mat1' if hasattr(prod.node, '_saved_mat1') else
-        '_saved_self')
-    saved = getattr(prod.node, name, None)
+    saved = prod.saved_input()
     if saved is not None:
         return saved.detach().to(dtype)
     if affine is None:
@@ -128,15 +113,6 @@ def _producer_input(prod, feeding, dtype: torch.dtype,
     shape = (1, ) + tuple(coef.shape) + (1, ) * (u.dim() - 2)
     blocks = u.reshape((u.shape[0], ) + tuple(coef.shape) + u.shape[2:])
     return (blocks * coef.view(shape)).sum(1)
-
-
-def _pixel_kernel(prod) -> bool:
-    """Whether the producer's input patch is one pixel (a linear layer, a
-    1x1 convolution without padding): patch means are channel means."""
-    if prod.kind != 'conv':
-        return True
-    kernel = prod.node._saved_weight.shape[2:]
-    return all(k == 1 for k in kernel) and not any(prod.padding)
 
 
 def _combined_gates(ops, memo: dict, dtype: torch.dtype) -> Optional[Tensor]:
@@ -206,10 +182,10 @@ def fast_record(prod, feeding, x: Tensor, var: Tensor,
     z = _producer_input(prod, feeding, dtype, affine)
     if z is None:
         return None
-    pixel = _pixel_kernel(prod)
+    pixel = prod.pixel_patch
     zc = count = None
     if with_var:
-        zp = _read_pixels(prod, z)
+        zp = prod.read_pixels(z)
         count = max(zp.numel() // max(zp.shape[1], 1), 1)
         zc = zp - (_channel_sums(zp) / count).view(
             (1, -1) + (1, ) * (zp.dim() - 2))
@@ -225,14 +201,14 @@ def fast_record(prod, feeding, x: Tensor, var: Tensor,
         if pixel and all(op.kind == 'gate' for op in path.ops):
             m = src.mean.to(dtype)
             s = src.std.to(dtype)
-            xs = _read_pixels(prod, src.x.detach().to(dtype))
+            xs = prod.read_pixels(src.x.detach().to(dtype))
             gate = _combined_gates(path.ops, memo, dtype)
             n = max(xs.numel() // max(xs.shape[1], 1), 1)
             if gate is None:
                 s_a = xs.new_full((xs.shape[1], ), float(n))
                 gx = xs
             else:
-                gate = _read_pixels(prod, gate)
+                gate = prod.read_pixels(gate)
                 s_a = _channel_sums(gate)
                 gx = gate * xs
             s_ax = _channel_sums(gx)
@@ -248,7 +224,7 @@ def fast_record(prod, feeding, x: Tensor, var: Tensor,
         pu = per_channel.patch_mean(x, torch.cat([xhat, one], 1))
         pus.append(pu.reshape(2, -1))
         if zs is not None:
-            xhat, one = _read_pixels(prod, xhat), _read_pixels(prod, one)
+            xhat, one = prod.read_pixels(xhat), prod.read_pixels(one)
             dvs.append(torch.stack([_channel_dots(zs, xhat),
                                     _channel_dots(zs, one)]).mul_(
                                         2.0 / count))
@@ -280,9 +256,8 @@ def _to_feeding(t: Tensor, slices) -> Tensor:
                       for _, start, count in slices], 1)
 
 
-def fast_shift(slots: Dict[str, Tensor], shift: Tensor, weight: Tensor,
-               slices, groups: int = 1,
-               weight_sq: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def fast_shift(slots: Dict[str, Tensor], shift: Tensor,
+               now) -> Tuple[Tensor, Tensor]:
     """The change of every slot's mean and variance, (S, C_out) each, for
     the displacements ``shift`` (S, 2, C_f) of the feeding norms.
 
@@ -291,13 +266,13 @@ def fast_shift(slots: Dict[str, Tensor], shift: Tensor, weight: Tensor,
             ``up_rho``).
         shift (Tensor): (S, 2, C_f) ``[gamma' - gamma_tau; beta' -
             beta_tau]`` per slot.
-        weight (Tensor): The producer's weight now (detached).
-        slices (tuple): :attr:`mmcbn.upstream.Feeding.slices`.
-        groups (int): The producer's groups.
-        weight_sq (Tensor, optional): :func:`squared_weight` of ``weight``.
+        now (Upstream): The feeding norms and the producer now
+            (:class:`mmcbn.upstream.Upstream`: ``weight``, ``weight_sq``,
+            ``slices``, ``groups``).
     """
     dtype = shift.dtype
-    w = weight.to(dtype)
+    slices, groups = now.slices, now.groups
+    w = now.weight.to(dtype)
     c_in = w.shape[1] * groups
     pu = slots['up_pu'].to(dtype)
     slots_n, c_f = shift.shape[0], shift.shape[2]
@@ -307,15 +282,13 @@ def fast_shift(slots: Dict[str, Tensor], shift: Tensor, weight: Tensor,
     if 'up_dv' not in slots:  # the mean term only
         return d_mean, torch.zeros_like(d_mean)
     qv = _to_inputs((slots['up_dv'].to(dtype) * shift).sum(1), slices, c_in)
-    w2 = squared_weight(w) if weight_sq is None else weight_sq.to(dtype)
-    d_var = _grouped_product(qv, w2, groups).mul_(
+    d_var = _grouped_product(qv, now.weight_sq.to(dtype), groups).mul_(
         slots['up_rho'].to(dtype))
     return d_mean, d_var
 
 
-def fast_grad(slots: Dict[str, Tensor], weight: Tensor, slices,
-              slot_w: Tensor, slot_wd: Tensor, slot_wpos: Tensor,
-              groups: int = 1, weight_sq: Optional[Tensor] = None
+def fast_grad(slots: Dict[str, Tensor], now, slot_w: Tensor,
+              slot_wd: Tensor, slot_wpos: Tensor
               ) -> Callable[[Tensor, Tensor], Tensor]:
     """The window gradient into the feeding norms' ``[gamma_t; beta_t]``,
     as a function of ``gM = dL/dmean_bar`` and ``gV = dL/dvar_bar``
@@ -336,13 +309,10 @@ def fast_grad(slots: Dict[str, Tensor], weight: Tensor, slices,
     Args:
         slots (dict): The ring's buffers and the slots' ``up_dgamma`` /
             ``up_dbeta``.
-        weight (Tensor): The producer's weight at the forward (detached).
-        slices (tuple): :attr:`mmcbn.upstream.Feeding.slices`.
+        now (Upstream): As :func:`fast_shift` (the weight at the forward).
         slot_w (Tensor): (S, ) ``w_s``.
         slot_wd (Tensor): (S, C_out) ``w_s d_s``.
         slot_wpos (Tensor): (S, C_out) ``w_s [v_s >= 0]``.
-        groups (int): The producer's groups.
-        weight_sq (Tensor, optional): :func:`squared_weight` of ``weight``.
 
     Returns:
         callable: ``(gM, gV) -> (2, C_f)``.
@@ -354,6 +324,8 @@ def fast_grad(slots: Dict[str, Tensor], weight: Tensor, slices,
         slots['up_dv'].clone(), slots['up_rho'].clone())
     a, b = slots['up_dgamma'], slots['up_dbeta']
     used = (slot_w != 0).view(-1, 1, 1)
+    weight, weight_sq = now.weight, now.weight_sq
+    slices, groups = now.slices, now.groups
 
     def grad(g_mean: Tensor, g_var: Tensor) -> Tensor:
         dtype = g_mean.dtype
@@ -367,9 +339,7 @@ def fast_grad(slots: Dict[str, Tensor], weight: Tensor, slices,
             g = (gm * pu.to(dtype).view(slots_n, 2, c_f, -1)).sum(-1)
             if dv is not None:
                 coef_v = slot_wpos.to(dtype) * g_var * rho.to(dtype)
-                w2 = squared_weight(w) if weight_sq is None else \
-                    weight_sq.to(dtype)
-                gv = _grouped_product_t(coef_v, w2, groups)
+                gv = _grouped_product_t(coef_v, weight_sq.to(dtype), groups)
                 gv = _to_feeding(gv[..., 0], slices)
                 g = g + gv.unsqueeze(1) * dv.to(dtype)
             g = torch.where(used, g, 0.)  # (S, 2, C_f)
